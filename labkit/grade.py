@@ -1,0 +1,122 @@
+"""Run a lesson's graded checks in a pytest subprocess and read back what happened.
+
+Points live on the checks (``@pytest.mark.points(n)``, default 1); a lesson's
+total is the sum over its checks, worked out here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from labkit.manifest import ROOT, Lesson, find_lesson, load_course
+
+RUN_TIMEOUT = float(os.environ.get("LABKIT_GRADE_TIMEOUT", "900"))  # seconds for a whole grading run
+
+
+@dataclass
+class CheckResult:
+    lesson: str  # the lesson's slug
+    name: str  # the test function, e.g. test_add_returns_the_sum
+    todo: int | None  # the TODO it grades (@pytest.mark.task)
+    points: int
+    status: str = "not run"  # passed | failed | error | skipped | not run
+    message: str = ""  # one or two plain lines for the student
+    output: str = ""  # captured output of a failing check (shown with -v)
+    detail: str = ""  # pytest's own report (shown with -v)
+    duration: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+
+@dataclass
+class LessonResult:
+    lesson: Lesson
+    checks: list[CheckResult] = field(default_factory=list)
+    problem: str = ""  # why the checks could not run at all (a collection error, a timeout)
+
+    @property
+    def passed(self) -> int:
+        return sum(check.passed for check in self.checks)
+
+    @property
+    def points(self) -> tuple[int, int]:
+        return sum(c.points for c in self.checks if c.passed), sum(c.points for c in self.checks)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.checks) and not self.problem and self.passed == len(self.checks)
+
+    @property
+    def first_failure(self) -> CheckResult | None:
+        return next((c for c in self.checks if not c.passed), None)
+
+
+def pytest_command(test_files: list[Path], target: str, broker_url: str | None, results: Path) -> list[str]:
+    command = [
+        sys.executable, "-m", "pytest", *map(str, test_files),
+        f"--target={target}", "-p", "labkit.collect", f"--labkit-results={results}",
+        "-q", "--no-header", "-p", "no:cacheprovider", f"--rootdir={ROOT}",
+    ]  # fmt: skip
+    if broker_url:
+        command.append(f"--broker={broker_url}")
+    return command
+
+
+def grade_course(
+    keys: tuple[str, ...] = (), target: str = "lessons", broker_url: str | None = None, root: Path = ROOT
+) -> list[LessonResult]:
+    """Grade the lessons named by ``keys`` (all when empty) in one pytest run."""
+    course = load_course(root / "course.toml")
+    lessons = [find_lesson(key, course) for key in keys] if keys else course
+    by_file = {lesson.test_file(root).name: LessonResult(lesson) for lesson in lessons}
+    with tempfile.TemporaryDirectory(prefix="labkit-grade-") as tmp:
+        results = Path(tmp) / "results.jsonl"
+        results.touch()
+        command = pytest_command([lesson.test_file(root) for lesson in lessons], target, broker_url, results)
+        problem = _run(command, root)
+        _read(results, by_file)
+    for result in by_file.values():
+        if problem and not result.problem and any(c.status == "not run" for c in result.checks):
+            result.problem = problem
+        if not result.checks and not result.problem:
+            result.problem = f"no checks found in tests/{result.lesson.test_file(root).name}"
+    return list(by_file.values())
+
+
+def _run(command: list[str], root: Path) -> str:
+    """Run pytest; return what went wrong with the run itself ('' when it ended normally)."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    try:
+        completed = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return f"the grading run was stopped after {RUN_TIMEOUT:.0f} s"
+    if completed.returncode in (0, 1):  # all passed / some checks failed
+        return ""
+    tail = (completed.stdout + completed.stderr).strip().splitlines()[-3:]
+    return f"the grading run ended early (exit {completed.returncode}): " + " ".join(tail)
+
+
+def _read(results: Path, by_file: dict[str, LessonResult]) -> None:
+    checks: dict[str, CheckResult] = {}
+    for line in results.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record["kind"] == "collected" and record["file"] in by_file:
+            check = CheckResult(
+                lesson=by_file[record["file"]].lesson.slug, name=record["name"], todo=record["todo"], points=record["points"]
+            )
+            checks[record["nodeid"]] = check
+            by_file[record["file"]].checks.append(check)
+        elif record["kind"] == "collect-error" and record["file"] in by_file:
+            by_file[record["file"]].problem = record["message"]
+        elif record["kind"] == "result" and record["nodeid"] in checks:
+            check = checks[record["nodeid"]]
+            for key in ("status", "message", "output", "detail", "duration"):
+                setattr(check, key, record[key])
