@@ -33,7 +33,7 @@ import fakeredis
 from fakeredis._clients._sync import FakeRedisConnection
 from fakeredis._clients._tcp_server import encode_reply  # pinned: fakeredis==2.40.0
 
-__all__ = ["EmbeddedBroker", "broker_process", "is_reachable", "with_db"]
+__all__ = ["EmbeddedBroker", "broker_process", "is_reachable", "same_redis", "with_db"]
 
 _JOIN_TIMEOUT = 5.0
 _WATCH_INTERVAL = 0.1  # how often blocked clients are checked for a hang-up
@@ -217,6 +217,15 @@ def with_db(url: str, db: int) -> str:
     return urllib.parse.urlunsplit(parts._replace(path=f"/{db}"))
 
 
+def same_redis(url_a: str | None, url_b: str | None) -> bool:
+    """True when two Redis URLs name the same server and database."""
+    if not url_a or not url_b:
+        return False
+    a, b = urllib.parse.urlsplit(url_a), urllib.parse.urlsplit(url_b)
+    db = lambda parts: parts.path.strip("/") or "0"  # noqa: E731
+    return (a.scheme, a.hostname, a.port or 6379, db(a)) == (b.scheme, b.hostname, b.port or 6379, db(b))
+
+
 def is_reachable(url: str, timeout: float = 1.0) -> bool:
     import redis
 
@@ -255,6 +264,8 @@ def broker_process(start_timeout: float = 20.0) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
 
 
 def _die_with_parent() -> None:  # runs in the child, before exec

@@ -51,7 +51,7 @@ def print_report(results: list[LessonResult], verbose: bool = False) -> bool:
     else:
         console.print(describe_failure(first, check), markup=False)
         if first.lesson.hint and check.status != "not run":
-            console.print(f"[dim]Hint: {first.lesson.hint}[/]")
+            console.print(f"[dim]Hint: {' '.join(first.lesson.hint.split())}[/]")
     if verbose:
         for result in pending:
             for failed in (c for c in result.checks if not c.passed):

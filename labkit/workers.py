@@ -32,13 +32,23 @@ from celery._state import _set_task_join_will_block
 from celery.contrib.testing.worker import TestWorkController, setup_app_for_worker
 from celery.worker import state as worker_state
 
-from labkit.broker import _die_with_parent
+from labkit.broker import _die_with_parent, same_redis
 
 LOGLEVEL = os.environ.get("LABKIT_WORKER_LOGLEVEL", "WARNING")
 
 
 class WorkerError(RuntimeError):
     """A worker could not start or stop; the message says why, in plain words."""
+
+
+def broker_mismatch(app: Celery) -> str:
+    """Why ``app`` would not reach the grader's Redis (REDIS_URL), or '' when it would."""
+    expected = os.environ.get("REDIS_URL")
+    actual = app.conf.broker_url
+    if not expected or same_redis(actual, expected):
+        return ""
+    shown = repr(actual) if actual else "not set (so Celery falls back to amqp://guest@localhost//)"
+    return f"the app's broker is {shown}, but the grader's Redis is REDIS_URL={expected!r}: build the app with broker=REDIS_URL."
 
 
 class _Worker(TestWorkController):
@@ -68,12 +78,9 @@ def thread_worker(
     **options,
 ) -> Iterator[TestWorkController]:
     """Run a real worker for ``app`` in a thread of this process."""
-    expected = os.environ.get("REDIS_URL")
-    if expected and app.conf.broker_url != expected:
-        raise WorkerError(
-            f"the app's broker is {app.conf.broker_url!r}, but the grader's Redis is REDIS_URL={expected!r}: "
-            "build the app with broker=REDIS_URL."
-        )
+    problem = broker_mismatch(app)
+    if problem:
+        raise WorkerError(problem)
     setup_app_for_worker(app, LOGLEVEL, None)
     before = set(threading.enumerate())
     worker = _Worker(

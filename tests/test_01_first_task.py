@@ -2,11 +2,13 @@
 
 import json
 import time
+from datetime import datetime
 
 import pytest
 from celery.exceptions import TimeoutError as CeleryTimeoutError
 
 from labkit.checks import call, fail, result_of
+from labkit.workers import broker_mismatch
 
 MODULE = "first_task1"
 
@@ -18,9 +20,17 @@ def require_task(lesson, name, todo):
     return task
 
 
+def require_grader_broker(lesson):
+    """Fail before sending anything if the app would publish somewhere else (TODO 1)."""
+    problem = broker_mismatch(lesson.app)
+    if problem:
+        fail(f"Tasks would not reach the grader's Redis (TODO 1): {problem}")
+
+
 @pytest.mark.task(1)
 def test_app_sends_tasks_through_redis_url(exercise, redis_client):
     lesson = exercise(MODULE)
+    require_grader_broker(lesson)
     lesson.count_words.delay("one two")
     queued = redis_client.llen("celery")
     assert queued == 1, (
@@ -70,6 +80,7 @@ def test_count_words_counts_words(exercise, thread_worker, text, words):
 def test_add_later_sends_a_countdown(exercise, redis_client):
     lesson = exercise(MODULE)
     require_task(lesson, "add", todo=2)
+    require_grader_broker(lesson)
     sent_at = time.time()
     call("add_later(2, 3, 30)", lesson.add_later, 2, 3, 30)
     raw = redis_client.lindex("celery", 0)
@@ -79,8 +90,6 @@ def test_add_later_sends_a_countdown(exercise, redis_client):
     assert headers.get("task", "").endswith(".add"), f"add_later queued {headers.get('task')!r}, expected the add task."
     eta = headers.get("eta")
     assert eta, "add_later(2, 3, 30) queued add with no ETA: pass countdown=seconds to apply_async."
-    from datetime import datetime
-
     delay = datetime.fromisoformat(eta).timestamp() - sent_at
     assert 25 <= delay <= 35, f"add_later(2, 3, 30) queued add to run in {delay:.0f} s, expected about 30 s."
 

@@ -1,0 +1,343 @@
+"""The embedded broker speaks enough Redis, over real TCP, for redis-py, kombu and Celery.
+
+Most checks share one ``EmbeddedBroker`` for the module and empty it first; the
+checks about stopping and about the child process start their own.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import pytest
+import redis
+from celery import Celery, chord, group
+
+from labkit.broker import EmbeddedBroker, broker_process
+from labkit.workers import thread_worker
+
+WAIT = 5.0  # the bound on every wait in this file, in seconds
+
+
+@pytest.fixture(scope="module")
+def broker():
+    with EmbeddedBroker() as server:
+        yield server
+
+
+@pytest.fixture
+def url(broker) -> str:
+    client = redis.Redis.from_url(broker.url, socket_timeout=WAIT)
+    client.flushall()
+    client.close()
+    return broker.url
+
+
+@pytest.fixture
+def r(url):
+    client = redis.Redis.from_url(url, socket_timeout=WAIT, decode_responses=True)
+    yield client
+    client.close()
+
+
+def wait_until(condition, what: str, timeout: float = WAIT, interval: float = 0.01):
+    """Poll ``condition`` until it returns something true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def blocked_clients(broker: EmbeddedBroker) -> int:
+    """How many connections are parked in a blocking command (the broker's own view)."""
+    with broker._lock:
+        return sum(1 for client in broker._clients if client.fake._blocked)
+
+
+def resp_command(*parts: bytes) -> bytes:
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+def pids_of_children(parent: int) -> dict[int, str]:
+    """{pid: command line} of the live (not zombie) children of ``parent``, from /proc."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        state, ppid = fields[0], int(fields[1])
+        if ppid == parent and state != "Z":
+            found[int(entry)] = cmdline
+    return found
+
+
+def process_is_gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+# --- plain Redis over TCP -----------------------------------------------------
+
+
+def test_plain_commands(r):
+    assert r.set("greeting", "hello") is True
+    assert r.get("greeting") == "hello"
+    assert r.incr("counter") == 1
+    assert r.incr("counter", 41) == 42
+    assert r.expire("greeting", 100) is True
+    assert 0 < r.ttl("greeting") <= 100
+    assert r.ttl("counter") == -1
+    assert r.hset("user:1", mapping={"name": "ada", "lang": "py"}) == 2
+    assert r.hgetall("user:1") == {"name": "ada", "lang": "py"}
+    assert r.lpush("jobs", "a", "b", "c") == 3
+    assert r.lrange("jobs", 0, -1) == ["c", "b", "a"]
+    assert r.delete("greeting", "counter", "missing") == 2
+    assert r.get("greeting") is None
+
+
+def test_multi_exec_transaction(r):
+    with r.pipeline(transaction=True) as pipe:
+        pipe.set("balance", 10).incrby("balance", 5).lpush("log", "deposit").get("balance")
+        assert pipe.execute() == [True, 15, 1, "15"]
+    assert r.get("balance") == "15"
+
+
+def test_brpop_is_woken_by_lpush_from_another_client(broker, url, r):
+    popper = redis.Redis.from_url(url, socket_timeout=WAIT + 5)
+    got: list = []
+    done = threading.Event()
+
+    def pop() -> None:
+        got.append(popper.brpop("wake-me", timeout=WAIT))
+        done.set()
+
+    thread = threading.Thread(target=pop, name="test-brpop")
+    thread.start()
+    wait_until(lambda: blocked_clients(broker) == 1, "the BRPOP to block")
+    assert not done.is_set()
+    r.lpush("wake-me", "job-1")
+    assert done.wait(WAIT), "the blocked BRPOP was not woken by LPUSH"
+    thread.join(WAIT)
+    popper.close()
+    assert got == [(b"wake-me", b"job-1")]
+    assert r.llen("wake-me") == 0
+
+
+def test_pubsub_delivers_a_message_published_by_another_client(url, r):
+    subscriber = redis.Redis.from_url(url, socket_timeout=WAIT, decode_responses=True)
+    pubsub = subscriber.pubsub(ignore_subscribe_messages=True)
+    pubsub.subscribe("news")
+    confirmation = pubsub.get_message(ignore_subscribe_messages=False, timeout=WAIT)
+    assert confirmation is not None and confirmation["type"] == "subscribe"
+    assert r.publish("news", "hello") == 1
+    message = pubsub.get_message(timeout=WAIT)
+    pubsub.close()
+    subscriber.close()
+    assert message is not None, "the published message did not arrive"
+    assert (message["channel"], message["data"]) == ("news", "hello")
+
+
+# --- errors keep the connection (stock TcpFakeServer hangs up here) ---------
+
+
+def test_noscript_then_eval_on_the_same_connection(url):
+    single = redis.Redis.from_url(url, socket_timeout=WAIT, single_connection_client=True)
+    try:
+        with pytest.raises(redis.exceptions.NoScriptError):
+            single.evalsha("0" * 40, 0)
+        assert single.eval("return redis.call('INCRBY', KEYS[1], ARGV[1])", 1, "via-lua", 3) == 3
+        sha = single.script_load("return ARGV[1]")
+        assert single.evalsha(sha, 0, "cached") == b"cached"
+        assert single.incr("via-lua") == 4
+        connection = single.connection
+        assert single.ping() is True
+        assert single.connection is connection  # still the very same connection
+    finally:
+        single.close()
+
+
+def test_error_reply_keeps_the_connection_usable(url):
+    single = redis.Redis.from_url(url, socket_timeout=WAIT, single_connection_client=True)
+    try:
+        single.set("word", "abc")
+        with pytest.raises(redis.exceptions.ResponseError, match="not an integer"):
+            single.incr("word")
+        with pytest.raises(redis.exceptions.ResponseError, match="unknown command"):
+            single.execute_command("NOSUCHCOMMAND", "x")
+        assert single.get("word") == b"abc"
+        assert single.incr("n") == 1
+    finally:
+        single.close()
+
+
+# --- protocols and concurrency -------------------------------------------------
+
+
+def test_resp3_client_negotiates_hello(url):
+    client = redis.Redis.from_url(url, socket_timeout=WAIT, protocol=3, single_connection_client=True)
+    try:
+        assert client.client_info()["resp"] == "3"  # HELLO 3 was accepted on this connection
+        client.hset("h", mapping={"a": "1"})
+        assert client.hgetall("h") == {b"a": b"1"}  # a RESP3 map
+        client.zadd("z", {"m": 1.5})
+        assert client.zscore("z", "m") == 1.5  # a RESP3 double
+        assert client.get("missing") is None  # a RESP3 null
+    finally:
+        client.close()
+    plain = redis.Redis.from_url(url, socket_timeout=WAIT, protocol=2, single_connection_client=True)
+    try:
+        assert plain.client_info()["resp"] == "2"  # no HELLO: RESP2, as on a real server
+        assert plain.hgetall("h") == {b"a": b"1"}
+    finally:
+        plain.close()
+
+
+def test_50_concurrent_connections_count_exactly(url, r):
+    connections, increments = 50, 40
+    start = threading.Barrier(connections, timeout=WAIT)
+    errors: list[BaseException] = []
+
+    def count() -> None:
+        client = redis.Redis.from_url(url, socket_timeout=WAIT, single_connection_client=True)
+        try:
+            client.ping()  # connected before anyone starts counting
+            start.wait()
+            for _ in range(increments):
+                client.incr("hits")
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=count, name=f"test-incr-{i}") for i in range(connections)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 30
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), "some counting threads never finished"
+    assert errors == []
+    assert int(r.get("hits")) == connections * increments
+
+
+# --- a client that dies while blocked must not swallow the next message -----
+
+
+def test_client_killed_while_blocked_does_not_steal_the_next_message(broker, url, r):
+    dead = socket.create_connection((broker.host, broker.port), timeout=WAIT)
+    dead_port = dead.getsockname()[1]
+    dead.sendall(resp_command(b"BRPOP", b"work", b"0"))  # block forever, like an idle worker
+    wait_until(lambda: blocked_clients(broker) == 1, "the raw client's BRPOP to block")
+    dead.close()  # the worker is killed while it waits
+
+    def dead_client_listed() -> bool:
+        return any(f"{dead_port})" in entry["addr"] for entry in r.client_list())
+
+    # The watchdog cancels the dead client's pop; then its connection goes away.
+    wait_until(lambda: not dead_client_listed(), "the broker to drop the dead client")
+
+    survivor = redis.Redis.from_url(url, socket_timeout=WAIT + 5)
+    got: list = []
+    thread = threading.Thread(target=lambda: got.append(survivor.brpop("work", timeout=WAIT)), name="test-survivor")
+    thread.start()
+    wait_until(lambda: blocked_clients(broker) == 1, "the surviving client's BRPOP to block")
+    r.lpush("work", "task-1")
+    thread.join(WAIT + 1)
+    survivor.close()
+    assert got == [(b"work", b"task-1")], "the message pushed after the dead client left was lost"
+    assert r.llen("work") == 0
+
+
+# --- Celery end to end ----------------------------------------------------------
+
+
+def test_celery_round_trip_and_chord(url, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", url)
+    app = Celery("broker_probe", broker=url, backend=url)
+
+    @app.task
+    def add(x, y):
+        return x + y
+
+    @app.task
+    def total(numbers):
+        return sum(numbers)
+
+    try:
+        with thread_worker(app, start_timeout=WAIT, stop_timeout=WAIT):
+            assert add.delay(2, 3).get(timeout=WAIT) == 5
+            result = chord(group(add.s(i, i) for i in range(5)))(total.s())
+            assert result.get(timeout=WAIT) == 20
+    finally:
+        app.close()
+
+
+# --- stopping ---------------------------------------------------------------------
+
+
+def test_stop_joins_every_thread_and_frees_the_port():
+    before = {t for t in threading.enumerate() if t.name.startswith("labkit-")}
+    server = EmbeddedBroker().start()
+    port = server.port
+    idle = redis.Redis(host=server.host, port=port, socket_timeout=WAIT)
+    idle.set("k", "v")
+    blocked = redis.Redis(host=server.host, port=port, socket_timeout=WAIT + 5)
+    outcome: list = []
+
+    def wait_forever() -> None:
+        try:
+            outcome.append(blocked.brpop("never", timeout=0))
+        except redis.ConnectionError as exc:
+            outcome.append(exc)
+
+    popper = threading.Thread(target=wait_forever, name="test-blocked")
+    popper.start()
+    try:
+        wait_until(lambda: blocked_clients(server) == 1, "the BRPOP to block")
+    finally:
+        started = time.monotonic()
+        server.stop()
+        took = time.monotonic() - started
+    popper.join(WAIT)
+    idle.close()
+    blocked.close()
+    assert not popper.is_alive(), "a client blocked in BRPOP was not released by stop()"
+    assert took < 3, f"stop() took {took:.1f} s"
+    left = [t.name for t in threading.enumerate() if t.name.startswith("labkit-") and t not in before]
+    assert left == []
+    # The listener is closed: the port can be bound again (with SO_REUSEADDR, as any server
+    # would bind it: the connections the broker closed may sit in TIME_WAIT on that port).
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((server.host, port))
+        probe.listen()
+
+
+def test_broker_process_answers_ping_and_exits():
+    before = set(pids_of_children(os.getpid()))
+    with broker_process(start_timeout=20) as child_url:
+        client = redis.Redis.from_url(child_url, socket_timeout=WAIT)
+        assert client.ping() is True
+        client.close()
+        children = {
+            pid: cmd for pid, cmd in pids_of_children(os.getpid()).items() if pid not in before and "labkit" in cmd
+        }
+        assert len(children) == 1, f"expected one broker child process, found {children}"
+        (pid,) = children
+    assert process_is_gone(pid), f"the broker child process {pid} is still alive"
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis.from_url(child_url, socket_connect_timeout=1, socket_timeout=1).ping()
