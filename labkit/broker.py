@@ -74,7 +74,8 @@ class _Client:
         self.connection = FakeRedisConnection(
             server=server.fake_server,
             protocol=2,
-            client_info={"laddr": sock.getsockname(), "addr": address, "fd": sock.fileno()},
+            # "ip:port", as redis-server writes them in CLIENT LIST/INFO (a tuple's repr breaks parsers).
+            client_info={"laddr": "%s:%d" % sock.getsockname()[:2], "addr": "%s:%d" % address[:2], "fd": sock.fileno()},
         )
         self.fake = self.connection.get_socket()
         self.fake.responses = _Replies(self)
@@ -94,7 +95,7 @@ class _Client:
             self.server._forget(self)
 
     def hung_up(self) -> bool:
-        """True when the peer has closed its end (called while it is blocked)."""
+        """True when the peer has closed its end (asked while it is blocked, so nothing else reads)."""
         try:
             return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
         except BlockingIOError:
@@ -168,18 +169,11 @@ class EmbeddedBroker:
             client.thread.start()
 
     def _watch_blocked_clients(self) -> None:
-        while not self._stopping.is_set():
+        while not self._stopping.wait(_WATCH_INTERVAL):
             with self._lock:
                 blocked = [client for client in self._clients if client.fake._blocked]
-            if not blocked:
-                self._stopping.wait(_WATCH_INTERVAL)
-                continue
-            try:
-                readable, _, _ = select.select([c.sock for c in blocked], [], [], _WATCH_INTERVAL)
-            except (OSError, ValueError):  # a socket closed meanwhile
-                continue
             for client in blocked:
-                if client.sock in readable and client.hung_up():
+                if client.hung_up():
                     client.cancel_blocking_command()
 
     def _forget(self, client: _Client) -> None:

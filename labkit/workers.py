@@ -24,7 +24,7 @@ import uuid
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import redis
 from celery import Celery
@@ -108,49 +108,56 @@ def thread_worker(
         yield worker
     finally:
         worker_state.should_terminate = 0  # how Celery's own test worker is told to stop
-        _join_quickly(thread, app.conf.broker_url, stop_timeout)
-        worker_state.should_terminate = None
-        if thread.is_alive():
+        _wait_unblocking(lambda: not thread.is_alive(), app.conf.broker_url, stop_timeout)
+        runaway = thread.is_alive()
+        if runaway:
             pool_threads = [t for t in set(threading.enumerate()) - before if t.name.startswith("ThreadPoolExecutor")]
             _interrupt([thread, *pool_threads])
-            raise WorkerError(
-                f"the worker was still busy {stop_timeout:.0f} s after the check ended: "
-                "a task that never returns (an infinite loop?) was interrupted."
-            )
+            _wait_unblocking(lambda: not thread.is_alive(), app.conf.broker_url, 5.0)
+        worker_state.should_terminate = None
+    if runaway:
+        raise WorkerError(
+            f"the worker was still busy {stop_timeout:.0f} s after the check ended: "
+            "a task that never returns (an infinite loop?) was interrupted."
+        )
 
 
-def _join_quickly(thread: threading.Thread, broker_url: str, timeout: float) -> None:
-    """Join the worker thread without waiting out its last BRPOP.
+class RunawayTask(Exception):
+    """Raised inside a task that was still running long after its check ended."""
 
-    On shutdown kombu reads the reply of the BRPOP in flight, which comes only
-    when its 1 s timeout runs out. CLIENT UNBLOCK ends it at once, as if it had
-    timed out; it touches only clients blocked in this database (ours).
+
+def _interrupt(threads: list[threading.Thread]) -> None:
+    """Raise RunawayTask inside threads stuck in Python code (a runaway task).
+
+    Python cannot kill a thread; this makes the task fail at its next bytecode,
+    so the worker records a failure and stops normally. A thread blocked in C
+    (a long sleep) stays, as a daemon that ends with the process.
+    """
+    for thread in threads:
+        if thread.ident is not None:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(RunawayTask))
+
+
+def _wait_unblocking(done: Callable[[], bool], broker_url: str | None, timeout: float) -> None:
+    """Wait until ``done()`` while cutting short the BRPOPs of stopping workers.
+
+    On shutdown kombu reads the reply of its BRPOP in flight, which comes only
+    when that BRPOP's 1 s timeout runs out. CLIENT UNBLOCK ends it at once, as
+    if it had timed out; it touches only clients blocked in this database (ours).
     """
     deadline = time.monotonic() + timeout
-    with redis.Redis.from_url(broker_url, socket_timeout=5) as client:
-        thread.join(0.05)
-        while thread.is_alive() and time.monotonic() < deadline:
+    with redis.Redis.from_url(broker_url or "redis://127.0.0.1:6379", socket_timeout=5) as client:
+        database = client.connection_pool.connection_kwargs.get("db", 0)
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.05)
+            if broker_url is None:
+                continue
             try:
-                database = client.connection_pool.connection_kwargs.get("db", 0)
                 for info in client.client_list():
                     if int(info.get("db", database)) == database:
                         client.client_unblock(int(info["id"]))
             except redis.RedisError:
                 pass
-            thread.join(0.05)
-
-
-def _interrupt(threads: list[threading.Thread]) -> None:
-    """Raise SystemExit inside threads stuck in Python code (a runaway task).
-
-    Python cannot kill a thread; this asks it to stop at its next bytecode.
-    A thread blocked in C (a long sleep) stays, as a daemon that ends with the process.
-    """
-    for thread in threads:
-        if thread.ident is not None:
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(SystemExit))
-    for thread in threads:
-        thread.join(1.0)
 
 
 class WorkerProcess:
@@ -236,10 +243,8 @@ def process_worker(
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)  # warm shutdown: finish the running tasks
-            try:
-                process.wait(stop_timeout)
-            except subprocess.TimeoutExpired:
-                pass
+            _wait_unblocking(lambda: process.poll() is not None, full_env.get("REDIS_URL"), stop_timeout)
         _kill_group(process, signal.SIGKILL)  # whatever is left, pool processes included
         process.wait(10)
         reader.join(5)
+        process.stdout.close()

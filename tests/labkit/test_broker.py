@@ -14,6 +14,8 @@ import time
 import pytest
 import redis
 from celery import Celery, chord, group
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from labkit.broker import EmbeddedBroker, broker_process
 from labkit.workers import thread_worker
@@ -109,6 +111,13 @@ def test_plain_commands(r):
     assert r.get("greeting") is None
 
 
+def test_client_list_and_info_show_ip_port_addresses(url, r):
+    info = r.client_info()  # redis-py parses "addr=ip:port ..."; a Python tuple there breaks it
+    assert info["addr"].startswith("127.0.0.1:") and info["addr"].rsplit(":", 1)[1].isdigit()
+    assert info["laddr"] == url.split("//")[1].split("/")[0]
+    assert info["addr"] in {entry["addr"] for entry in r.client_list()}
+
+
 def test_multi_exec_transaction(r):
     with r.pipeline(transaction=True) as pipe:
         pipe.set("balance", 10).incrby("balance", 5).lpush("log", "deposit").get("balance")
@@ -139,9 +148,9 @@ def test_brpop_is_woken_by_lpush_from_another_client(broker, url, r):
 
 def test_pubsub_delivers_a_message_published_by_another_client(url, r):
     subscriber = redis.Redis.from_url(url, socket_timeout=WAIT, decode_responses=True)
-    pubsub = subscriber.pubsub(ignore_subscribe_messages=True)
+    pubsub = subscriber.pubsub()
     pubsub.subscribe("news")
-    confirmation = pubsub.get_message(ignore_subscribe_messages=False, timeout=WAIT)
+    confirmation = pubsub.get_message(timeout=WAIT)
     assert confirmation is not None and confirmation["type"] == "subscribe"
     assert r.publish("news", "hello") == 1
     message = pubsub.get_message(timeout=WAIT)
@@ -157,15 +166,16 @@ def test_pubsub_delivers_a_message_published_by_another_client(url, r):
 def test_noscript_then_eval_on_the_same_connection(url):
     single = redis.Redis.from_url(url, socket_timeout=WAIT, single_connection_client=True)
     try:
+        # redis-py reconnects silently when a server hangs up, so compare the server's id
+        # of this connection: a reconnect would give a new one.
+        client_id = single.client_id()
         with pytest.raises(redis.exceptions.NoScriptError):
             single.evalsha("0" * 40, 0)
         assert single.eval("return redis.call('INCRBY', KEYS[1], ARGV[1])", 1, "via-lua", 3) == 3
         sha = single.script_load("return ARGV[1]")
         assert single.evalsha(sha, 0, "cached") == b"cached"
         assert single.incr("via-lua") == 4
-        connection = single.connection
-        assert single.ping() is True
-        assert single.connection is connection  # still the very same connection
+        assert single.client_id() == client_id, "the server closed the connection after NOSCRIPT"
     finally:
         single.close()
 
@@ -174,10 +184,13 @@ def test_error_reply_keeps_the_connection_usable(url):
     single = redis.Redis.from_url(url, socket_timeout=WAIT, single_connection_client=True)
     try:
         single.set("word", "abc")
+        client_id = single.client_id()
         with pytest.raises(redis.exceptions.ResponseError, match="not an integer"):
             single.incr("word")
+        assert single.client_id() == client_id, "the server closed the connection after an error reply"
         with pytest.raises(redis.exceptions.ResponseError, match="unknown command"):
             single.execute_command("NOSUCHCOMMAND", "x")
+        assert single.client_id() == client_id, "the server closed the connection after an unknown command"
         assert single.get("word") == b"abc"
         assert single.incr("n") == 1
     finally:
@@ -245,7 +258,7 @@ def test_client_killed_while_blocked_does_not_steal_the_next_message(broker, url
     dead.close()  # the worker is killed while it waits
 
     def dead_client_listed() -> bool:
-        return any(f"{dead_port})" in entry["addr"] for entry in r.client_list())
+        return any(entry["addr"] == f"127.0.0.1:{dead_port}" for entry in r.client_list())
 
     # The watchdog cancels the dead client's pop; then its connection goes away.
     wait_until(lambda: not dead_client_listed(), "the broker to drop the dead client")
@@ -295,7 +308,8 @@ def test_stop_joins_every_thread_and_frees_the_port():
     port = server.port
     idle = redis.Redis(host=server.host, port=port, socket_timeout=WAIT)
     idle.set("k", "v")
-    blocked = redis.Redis(host=server.host, port=port, socket_timeout=WAIT + 5)
+    # No reconnect attempts: the point is to see the blocked call end when the broker stops.
+    blocked = redis.Redis(host=server.host, port=port, socket_timeout=WAIT + 5, retry=Retry(NoBackoff(), 0))
     outcome: list = []
 
     def wait_forever() -> None:
