@@ -5,18 +5,37 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: grade test broker notebook clean
+.PHONY: grade test watch list hint reset solution gradebook broker notebook clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
+	@$(PY) -m labkit snapshot
 	@touch $(STAMP)
 
 ## grade: grade your lessons (LESSON=03 for one lesson, ARGS=-v for full output)
 grade: $(STAMP)
 	@$(PY) -m labkit grade $(if $(LESSON),--lesson $(LESSON)) $(ARGS)
+
+## watch: grade the current lesson on every save (POLL=1 for WSL/network drives)
+watch: $(STAMP)
+	@$(PY) -m labkit watch $(if $(POLL),--poll) $(ARGS)
+
+## list: every lesson's status, as last graded
+list: $(STAMP)
+	@$(PY) -m labkit list
+
+## hint / reset / solution: LESSON=01
+hint reset solution: $(STAMP)
+	@test -n "$(LESSON)" || { echo "Say which lesson: make $@ LESSON=01"; exit 2; }
+	@$(PY) -m labkit $@ $(LESSON) $(ARGS)
+
+## gradebook: grade a folder of submissions (SUBMISSIONS=path, ARGS for more options)
+gradebook: $(STAMP)
+	@test -n "$(SUBMISSIONS)" || { echo "Say where: make gradebook SUBMISSIONS=path/to/submissions"; exit 2; }
+	@$(PY) -m labkit gradebook $(SUBMISSIONS) $(ARGS)
 
 ## test: the course's own suite (harness, solutions, starter check, notebooks)
 test: $(STAMP)

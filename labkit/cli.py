@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import threading
+from pathlib import Path
 
 import click
 
-from labkit.manifest import TARGETS
+from labkit.manifest import ROOT, TARGETS, find_lesson, load_course
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
-    """Celery Labs: grade your lessons, run the embedded broker, check the course."""
+    """Celery Labs: grade your lessons, get hints, run the embedded broker."""
+    from labkit.starters import save_starters
+
+    save_starters()  # before any edit can happen: what `reset` restores later
 
 
 @main.command()
@@ -23,7 +28,7 @@ def broker(port: int) -> None:
 
     with EmbeddedBroker(port=port) as server:
         # The first line is read by labkit's own broker_process(): keep the URL on it.
-        click.echo(f"Embedded broker (fakeredis) listening on {server.url}", nl=True)
+        click.echo(f"Embedded broker (fakeredis) listening on {server.url}")
         sys.stdout.flush()
         if sys.stdin is not None and sys.stdin.isatty():
             click.echo(
@@ -42,11 +47,114 @@ def broker(port: int) -> None:
 @click.option("--lesson", "-l", "lessons", multiple=True, help="Grade only this lesson (number or slug).")
 @click.option("--target", type=click.Choice(TARGETS), default="lessons", envvar="LAB_TARGET", show_default=True)
 @click.option("--broker", "broker_url", envvar="REDIS_URL", default=None, help="A real Redis URL (default: embedded).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
+@click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), help="Also write JUnit XML to this file.")
 @click.option("-v", "--verbose", is_flag=True, help="Show the full output of failing checks.")
-def grade(lessons: tuple[str, ...], target: str, broker_url: str | None, verbose: bool) -> None:
+def grade(lessons, target, broker_url, as_json, junit, verbose) -> None:
     """Grade the lessons: a table of checks passed, and the next thing to do."""
+    from labkit import export
     from labkit.grade import grade_course
+    from labkit.progress import Progress
     from labkit.report import print_report
 
     results = grade_course(lessons, target=target, broker_url=broker_url)
-    sys.exit(0 if print_report(results, verbose=verbose) else 1)
+    if target == "lessons":
+        Progress().record(results)
+    if junit:
+        export.write_junit(results, junit)
+    if as_json:
+        click.echo(json.dumps(export.as_dict(results), indent=2))
+        all_passed = all(result.done for result in results)
+    else:
+        all_passed = print_report(results, verbose=verbose)
+    sys.exit(0 if all_passed else 1)
+
+
+@main.command(name="list")
+def list_lessons() -> None:
+    """Every lesson with its status and checks passed (as last graded)."""
+    from labkit.progress import Progress
+    from labkit.report import print_list
+
+    print_list(load_course(), Progress())
+
+
+@main.command()
+@click.argument("lesson")
+def hint(lesson: str) -> None:
+    """Show the next hint of LESSON (a number such as 01), one per call."""
+    from labkit.hints import next_hint, read_hints
+    from labkit.progress import Progress
+
+    chosen = find_lesson(lesson)
+    hints = read_hints(chosen.folder() / "hints.md")
+    progress = Progress()
+    last = progress.last(chosen.slug) or {}
+    index = next_hint(hints, progress.hints_seen(chosen.slug), last.get("next_todo"))
+    if index is None:
+        click.echo(f"You have seen all {len(hints)} hints of lesson {chosen.number}. They are all in lessons/{chosen.slug}/hints.md.")
+        return
+    progress.mark_hint_seen(chosen.slug, index)
+    shown = len(progress.hints_seen(chosen.slug))
+    click.secho(f"Lesson {chosen.number}, {hints[index].heading}  (hint {shown} of {len(hints)})", bold=True)
+    click.echo(hints[index].text)
+
+
+@main.command()
+@click.argument("lesson")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def reset(lesson: str, yes: bool) -> None:
+    """Put the starter files of LESSON back (your changes to them are lost)."""
+    from labkit.starters import changed_files, reset_lesson
+
+    chosen = find_lesson(lesson)
+    changed = changed_files(chosen)
+    if not changed:
+        click.echo(f"Lesson {chosen.number} already has its starter files.")
+        return
+    listing = ", ".join(f"lessons/{chosen.slug}/{name}" for name in changed)
+    if not yes and not click.confirm(f"Replace {listing} with the starter version? Your changes will be lost."):
+        click.echo("Nothing changed.")
+        return
+    restored = reset_lesson(chosen)
+    click.echo(f"Restored {', '.join(restored)} in lessons/{chosen.slug}/.")
+
+
+@main.command()
+@click.argument("lesson")
+@click.option("--force", is_flag=True, help="Show it even though the lesson is not done yet.")
+def solution(lesson: str, force: bool) -> None:
+    """Show how your files differ from the reference solution (once the lesson passes)."""
+    from labkit.progress import DONE, Progress
+    from labkit.report import print_solution_diff
+
+    chosen = find_lesson(lesson)
+    if Progress().status(chosen.slug) != DONE:
+        if not force:
+            click.echo(
+                f"Lesson {chosen.number} is not done yet (as last graded): finish it first, "
+                f"then `make grade LESSON={chosen.number}` and ask again. `--force` shows it anyway."
+            )
+            sys.exit(1)
+        click.secho("Showing the solution of a lesson you have not finished: try the hints first next time.", fg="yellow")
+    print_solution_diff(chosen, ROOT)
+
+
+@main.command()
+@click.option("--poll", is_flag=True, help="Poll files for changes (for WSL and network drives).")
+@click.option("--manual", is_flag=True, help="Grade only when Enter is pressed.")
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=ROOT, hidden=True)
+def watch(poll: bool, manual: bool, root: Path) -> None:
+    """Grade the current lesson on every save, and move on when it passes."""
+    from labkit.watch import run
+
+    try:
+        sys.exit(run(root, poll=poll, manual=manual))
+    except KeyboardInterrupt:
+        sys.exit(1)
+
+
+@main.command()
+def snapshot() -> None:
+    """Keep a copy of the starter files (make runs this during setup)."""
+    # The group callback has already done the work.

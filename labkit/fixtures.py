@@ -22,7 +22,7 @@ import redis
 from labkit import workers
 from labkit.broker import broker_process, is_reachable, with_db
 from labkit.loader import Exercise, LessonError, load_exercise
-from labkit.manifest import ROOT, TARGETS, Lesson, find_lesson
+from labkit.manifest import TARGETS, Lesson, find_lesson, load_course
 
 REAL_REDIS_DB = int(os.environ.get("LABKIT_REDIS_DB", "15"))
 
@@ -81,20 +81,26 @@ def redis_client(broker_url: str):
     client.close()
 
 
+@pytest.fixture(scope="session")
+def course_root(request: pytest.FixtureRequest) -> Path:
+    """The course being graded: pytest's rootdir (a student's checkout, or a gradebook workspace)."""
+    return Path(request.config.rootpath)
+
+
 @pytest.fixture
-def lesson(request: pytest.FixtureRequest) -> Lesson:
+def lesson(request: pytest.FixtureRequest, course_root: Path) -> Lesson:
     """The lesson of this test file (``tests/test_01_first_task.py`` -> 01_first_task)."""
     stem = Path(str(request.node.fspath)).stem
-    return find_lesson(stem.removeprefix("test_"))
+    return find_lesson(stem.removeprefix("test_"), load_course(course_root / "course.toml"))
 
 
 @pytest.fixture
-def exercise(lesson: Lesson, target: str, redis_client):
+def exercise(lesson: Lesson, target: str, course_root: Path, redis_client):
     """``exercise("first_task1")`` imports the module from the tree being graded."""
 
     def load(name: str) -> Exercise:
         try:
-            return load_exercise(lesson, name, target, ROOT)
+            return load_exercise(lesson, name, target, course_root)
         except LessonError as exc:
             pytest.fail(f"Lesson {lesson.number}: {exc}", pytrace=False)
 
@@ -113,12 +119,12 @@ def thread_worker():
 
 
 @pytest.fixture
-def process_worker(lesson: Lesson, target: str, broker_url: str):
+def process_worker(lesson: Lesson, target: str, course_root: Path, broker_url: str):
     """``process_worker("first_task1", pool="prefork")`` runs the real ``celery worker`` command."""
     with ExitStack() as stack:
 
         def start(module: str, **options):
-            cwd = lesson.folder(target, ROOT)
+            cwd = lesson.folder(target, course_root)
             return stack.enter_context(workers.process_worker(module, cwd, **options))
 
         yield start

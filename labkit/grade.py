@@ -59,11 +59,11 @@ class LessonResult:
         return next((c for c in self.checks if not c.passed), None)
 
 
-def pytest_command(test_files: list[Path], target: str, broker_url: str | None, results: Path) -> list[str]:
+def pytest_command(test_files: list[Path], target: str, broker_url: str | None, results: Path, root: Path) -> list[str]:
     command = [
         sys.executable, "-m", "pytest", *map(str, test_files),
         f"--target={target}", "-p", "labkit.collect", f"--labkit-results={results}",
-        "-q", "--no-header", "-p", "no:cacheprovider", f"--rootdir={ROOT}",
+        "-q", "--no-header", "-p", "no:cacheprovider", f"--rootdir={root}",
     ]  # fmt: skip
     if broker_url:
         command.append(f"--broker={broker_url}")
@@ -80,7 +80,7 @@ def grade_course(
     with tempfile.TemporaryDirectory(prefix="labkit-grade-") as tmp:
         results = Path(tmp) / "results.jsonl"
         results.touch()
-        command = pytest_command([lesson.test_file(root) for lesson in lessons], target, broker_url, results)
+        command = pytest_command([lesson.test_file(root) for lesson in lessons], target, broker_url, results, root)
         problem = _run(command, root)
         _read(results, by_file)
     for result in by_file.values():
@@ -93,7 +93,7 @@ def grade_course(
 
 def _run(command: list[str], root: Path) -> str:
     """Run pytest; return what went wrong with the run itself ('' when it ended normally)."""
-    env = {**os.environ, "PYTHONPATH": str(root)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # labkit itself always comes from this course
     try:
         completed = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
     except subprocess.TimeoutExpired:

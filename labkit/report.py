@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
+from pathlib import Path
+
 from rich.console import Console
+from rich.syntax import Syntax
 from rich.table import Table
 
 from labkit.grade import CheckResult, LessonResult
+from labkit.manifest import Lesson
+from labkit.progress import Progress
 
 console = Console(highlight=False)
 
@@ -62,3 +68,33 @@ def print_report(results: list[LessonResult], verbose: bool = False) -> bool:
     else:
         console.print("[dim]Run `make grade LESSON=NN` for one lesson, or add -v for the full output.[/]")
     return False
+
+
+def print_list(lessons: list[Lesson], progress: Progress) -> None:
+    table = Table(title="Celery Labs", title_justify="left")
+    for column, justify in (("#", "right"), ("Lesson", "left"), ("Checks", "right"), ("Status", "left")):
+        table.add_column(column, justify=justify)
+    for lesson in lessons:
+        last = progress.last(lesson.slug)
+        checks = f"{last['passed']}/{last['total']}" if last else "-"
+        status = progress.status(lesson.slug)
+        colour = {"done": "green", "in progress": "yellow"}.get(status, "dim")
+        table.add_row(lesson.number, lesson.title, checks, f"[{colour}]{status}[/]")
+    console.print(table)
+    console.print("[dim]As last graded; `make grade` grades again.[/]")
+
+
+def print_solution_diff(lesson: Lesson, root: Path) -> None:
+    for name in lesson.files:
+        mine, reference = lesson.folder("lessons", root) / name, lesson.folder("solutions", root) / name
+        diff = difflib.unified_diff(
+            mine.read_text(encoding="utf-8").splitlines(keepends=True),
+            reference.read_text(encoding="utf-8").splitlines(keepends=True),
+            fromfile=f"lessons/{lesson.slug}/{name} (yours)",
+            tofile=f"solutions/{lesson.slug}/{name} (reference)",
+        )
+        text = "".join(diff)
+        if not text:
+            console.print(f"lessons/{lesson.slug}/{name} is the same as the reference solution.")
+        else:
+            console.print(Syntax(text, "diff", theme="ansi_dark", background_color="default"))
