@@ -50,15 +50,16 @@ def broker(port: int) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), help="Also write JUnit XML to this file.")
 @click.option("-v", "--verbose", is_flag=True, help="Show the full output of failing checks.")
-def grade(lessons, target, broker_url, as_json, junit, verbose) -> None:
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=ROOT, hidden=True)
+def grade(lessons, target, broker_url, as_json, junit, verbose, root) -> None:
     """Grade the lessons: a table of checks passed, and the next thing to do."""
     from labkit import export
     from labkit.grade import grade_course
     from labkit.progress import Progress
     from labkit.report import print_report
 
-    results = grade_course(lessons, target=target, broker_url=broker_url)
-    if target == "lessons":
+    results = grade_course(lessons, target=target, broker_url=broker_url, root=root)
+    if target == "lessons" and root == ROOT:
         Progress().record(results)
     if junit:
         export.write_junit(results, junit)
@@ -152,6 +153,22 @@ def watch(poll: bool, manual: bool, root: Path) -> None:
         sys.exit(run(root, poll=poll, manual=manual))
     except KeyboardInterrupt:
         sys.exit(1)
+
+
+@main.command()
+@click.argument("submissions", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=Path("gradebook"), show_default=True)
+@click.option("--tests", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Your own copy of tests/ (hidden checks included).")
+@click.option("--student", help="Regrade only this submission and update its rows.")
+@click.option("--timeout", default=600.0, show_default=True, help="Seconds per submission.")
+@click.option("--memory-mb", default=2048, show_default=True, help="Memory cap per process.")
+@click.option("--course", type=click.Path(file_okay=False, path_type=Path), default=ROOT, hidden=True)
+def gradebook(submissions, out, tests, student, timeout, memory_mb, course) -> None:
+    """Grade every student checkout (folder or .zip) in SUBMISSIONS; write a gradebook."""
+    from labkit import gradebook as book
+
+    rows = book.run(submissions, out, tests=tests, student=student, limits=book.Limits(timeout, memory_mb), progress=click.echo, course=course)
+    click.echo(f"Graded {len(rows)} submission(s): {out / 'gradebook.csv'}, {out / 'gradebook.json'}, {out / 'feedback'}/")
 
 
 @main.command()

@@ -81,7 +81,7 @@ def grade_course(
         results = Path(tmp) / "results.jsonl"
         results.touch()
         command = pytest_command([lesson.test_file(root) for lesson in lessons], target, broker_url, results, root)
-        problem = _run(command, root)
+        problem = _run(command, root, Path(tmp) / "pytest.log")
         _read(results, by_file)
     for result in by_file.values():
         if problem and not result.problem and any(c.status == "not run" for c in result.checks):
@@ -91,17 +91,23 @@ def grade_course(
     return list(by_file.values())
 
 
-def _run(command: list[str], root: Path) -> str:
-    """Run pytest; return what went wrong with the run itself ('' when it ended normally)."""
+def _run(command: list[str], root: Path, log: Path) -> str:
+    """Run pytest; return what went wrong with the run itself ('' when it ended normally).
+
+    Its output goes to a file, not to memory: a student's task may print megabytes.
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}  # labkit itself always comes from this course
-    try:
-        completed = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        return f"the grading run was stopped after {RUN_TIMEOUT:.0f} s"
-    if completed.returncode in (0, 1):  # all passed / some checks failed
+    with log.open("wb") as out:
+        try:
+            returncode = subprocess.run(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT).returncode
+        except subprocess.TimeoutExpired:
+            return f"the grading run was stopped after {RUN_TIMEOUT:.0f} s"
+    if returncode in (0, 1):  # all passed / some checks failed
         return ""
-    tail = (completed.stdout + completed.stderr).strip().splitlines()[-3:]
-    return f"the grading run ended early (exit {completed.returncode}): " + " ".join(tail)
+    with log.open("rb") as out:
+        out.seek(max(0, log.stat().st_size - 2000))
+        tail = out.read().decode("utf-8", "replace").strip().splitlines()[-3:]
+    return f"the grading run ended early (exit {returncode}): " + " ".join(tail)
 
 
 def _read(results: Path, by_file: dict[str, LessonResult]) -> None:
