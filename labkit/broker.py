@@ -252,7 +252,7 @@ def broker_process(start_timeout: float = 20.0) -> Iterator[str]:
             raise RuntimeError(f"the embedded broker did not start within {start_timeout:.0f} s: {first_line!r}")
         yield match.group(0)
     finally:
-        process.send_signal(signal.SIGINT)
+        process.terminate()
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -37,10 +38,11 @@ def broker(port: int) -> None:
                 "  cd lessons/01_first_task && celery -A first_task1 worker --loglevel=INFO\n"
                 "Press Ctrl-C to stop (the data lives in memory and goes with it)."
             )
-        try:
-            threading.Event().wait()
-        except KeyboardInterrupt:
-            pass
+        stop = threading.Event()
+        # Ctrl-C, or SIGTERM from a script (background jobs ignore SIGINT).
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        stop.wait()
 
 
 @main.command()

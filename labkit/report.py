@@ -66,7 +66,7 @@ def print_report(results: list[LessonResult], verbose: bool = False) -> bool:
                 if failed.output:
                     console.print(failed.output, markup=False)
     else:
-        console.print("[dim]Run `make grade LESSON=NN` for one lesson, or add -v for the full output.[/]")
+        console.print("[dim]`make grade LESSON=NN` grades one lesson; `make grade ARGS=-v` shows the full output.[/]")
     return False
 
 
