@@ -48,7 +48,9 @@ def load_exercise(lesson: Lesson, name: str, target: str = "lessons", root: Path
     path = folder / f"{name}.py"
     shown = f"{target}/{lesson.slug}/{name}.py"
     if not path.exists():
-        raise LessonError(f"{shown} is missing. `git checkout -- {shown}` (or `git status`) brings it back.")
+        raise LessonError(f"{shown} is missing: `make reset LESSON={lesson.number}` brings back the starter file.")
+    if path in _failed_imports:  # fail every later check at once, not after another wait
+        raise LessonError(_failed_imports[path])
     loaded = sys.modules.get(name)
     if loaded is not None:
         if Path(getattr(loaded, "__file__", "") or "").resolve() != path.resolve():
@@ -60,8 +62,16 @@ def load_exercise(lesson: Lesson, name: str, target: str = "lessons", root: Path
         module = importlib.import_module(name)
     except Exception as exc:
         sys.modules.pop(name, None)
-        raise LessonError(f"{shown} could not be imported: {_describe(exc, path)}") from None
+        _failed_imports[path] = f"{shown} could not be imported: {_describe(exc, path)}"
+        raise LessonError(_failed_imports[path]) from None
+    except BaseException:  # the check's time limit struck while importing
+        sys.modules.pop(name, None)
+        _failed_imports[path] = f"importing {shown} never finished: is there an endless loop at module level?"
+        raise
     return Exercise(module, shown)
+
+
+_failed_imports: dict[Path, str] = {}
 
 
 def _describe(exc: BaseException, path: Path) -> str:
