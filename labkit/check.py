@@ -11,7 +11,7 @@ import json
 import re
 from pathlib import Path
 
-from labkit.manifest import ROOT, Lesson, load_course
+from labkit.manifest import ROOT, Lesson, lesson_of_test_file, load_course
 
 SLUG = re.compile(r"^\d\d_[a-z0-9_]{1,29}$")
 COURSE_MAP_ROW = re.compile(r"^\|\s*(\d\d)\s*\|\s*\[([^\]]+)\]\(lessons/([^)/]+)/?\)", re.MULTILINE)
@@ -34,9 +34,11 @@ def manifest_problems(root: Path = ROOT) -> list[str]:
         on_disk = {p.name for p in (root / tree).iterdir() if p.is_dir() and p.name not in IGNORED}
         for extra in sorted(on_disk - set(slugs)):
             problems.append(f"{tree}/{extra}/ is not in course.toml: add a [[lessons]] entry or remove the folder")
-    tests = {p.stem.removeprefix("test_") for p in (root / "tests").glob("test_*.py")}
-    for extra in sorted(tests - set(slugs)):
-        problems.append(f"tests/test_{extra}.py has no lesson in course.toml")
+    for test in sorted((root / "tests").glob("test_*.py")):
+        try:
+            lesson_of_test_file(test.stem, lessons)
+        except LookupError:
+            problems.append(f"tests/{test.name} has no lesson in course.toml")
     notebooks = {p.stem for p in (root / "notebooks").glob("*.ipynb")}
     for extra in sorted(notebooks - set(slugs)):
         problems.append(f"notebooks/{extra}.ipynb has no lesson in course.toml")

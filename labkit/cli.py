@@ -14,11 +14,24 @@ from labkit.manifest import ROOT, TARGETS, find_lesson, load_course
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main() -> None:
+@click.pass_context
+def main(ctx) -> None:
     """Celery Labs: grade your lessons, get hints, run the embedded broker."""
     from labkit.starters import save_starters
 
-    save_starters()  # before any edit can happen: what `reset` restores later
+    if ctx.invoked_subcommand in ("broker", "gradebook"):
+        return
+    try:
+        save_starters()  # before any edit can happen: what `reset` restores later
+    except (OSError, ValueError) as exc:
+        click.secho(f"(could not keep a copy of the starter files: {exc})", fg="yellow", err=True)
+
+
+def _lesson(key: str, hint: str = "LESSON"):
+    try:
+        return find_lesson(key)
+    except LookupError as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from None
 
 
 @main.command()
@@ -60,7 +73,10 @@ def grade(lessons, target, broker_url, as_json, junit, verbose, root) -> None:
     from labkit.progress import Progress
     from labkit.report import print_report
 
-    results = grade_course(lessons, target=target, broker_url=broker_url, root=root)
+    try:
+        results = grade_course(lessons, target=target, broker_url=broker_url, root=root)
+    except LookupError as exc:
+        raise click.BadParameter(str(exc), param_hint="--lesson") from None
     if target == "lessons" and root == ROOT:
         Progress().record(results)
     if junit:
@@ -89,7 +105,7 @@ def hint(lesson: str) -> None:
     from labkit.hints import next_hint, read_hints
     from labkit.progress import Progress
 
-    chosen = find_lesson(lesson)
+    chosen = _lesson(lesson)
     hints = read_hints(chosen.folder() / "hints.md")
     progress = Progress()
     last = progress.last(chosen.slug) or {}
@@ -110,7 +126,7 @@ def reset(lesson: str, yes: bool) -> None:
     """Put the starter files of LESSON back (your changes to them are lost)."""
     from labkit.starters import changed_files, reset_lesson
 
-    chosen = find_lesson(lesson)
+    chosen = _lesson(lesson)
     changed = changed_files(chosen)
     if not changed:
         click.echo(f"Lesson {chosen.number} already has its starter files.")
@@ -119,7 +135,11 @@ def reset(lesson: str, yes: bool) -> None:
     if not yes and not click.confirm(f"Replace {listing} with the starter version? Your changes will be lost."):
         click.echo("Nothing changed.")
         return
-    restored = reset_lesson(chosen)
+    try:
+        restored = reset_lesson(chosen)
+    except FileNotFoundError as exc:
+        click.echo(f"Cannot reset lesson {chosen.number}: {exc}")
+        sys.exit(1)
     click.echo(f"Restored {', '.join(restored)} in lessons/{chosen.slug}/.")
 
 
@@ -131,7 +151,7 @@ def solution(lesson: str, force: bool) -> None:
     from labkit.progress import DONE, Progress
     from labkit.report import print_solution_diff
 
-    chosen = find_lesson(lesson)
+    chosen = _lesson(lesson)
     if Progress().status(chosen.slug) != DONE:
         if not force:
             click.echo(
@@ -169,7 +189,10 @@ def gradebook(submissions, out, tests, student, timeout, memory_mb, course) -> N
     """Grade every student checkout (folder or .zip) in SUBMISSIONS; write a gradebook."""
     from labkit import gradebook as book
 
-    rows = book.run(submissions, out, tests=tests, student=student, limits=book.Limits(timeout, memory_mb), progress=click.echo, course=course)
+    try:
+        rows = book.run(submissions, out, tests=tests, student=student, limits=book.Limits(timeout, memory_mb), progress=click.echo, course=course)
+    except LookupError as exc:
+        raise click.BadParameter(str(exc), param_hint="--student") from None
     click.echo(f"Graded {len(rows)} submission(s): {out / 'gradebook.csv'}, {out / 'gradebook.json'}, {out / 'feedback'}/")
 
 

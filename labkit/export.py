@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from labkit.grade import LessonResult
 
 OUTPUT_LIMIT = 2000  # characters of a failing check's output kept in the exports
+NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")  # e.g. ANSI colour codes
+
+
+def _xml(text: str) -> str:
+    return NOT_XML.sub("", text)
 
 
 def as_dict(results: list[LessonResult]) -> dict:
@@ -66,9 +72,9 @@ def write_junit(results: list[LessonResult], path: Path) -> None:
         for check in result.checks:
             case = ET.SubElement(suite, "testcase", classname=result.lesson.slug, name=check.name, time=f"{check.duration:.3f}")
             if check.status == "failed":
-                ET.SubElement(case, "failure", message=check.message).text = check.output[-OUTPUT_LIMIT:]
+                ET.SubElement(case, "failure", message=_xml(check.message)).text = _xml(check.output[-OUTPUT_LIMIT:])
             elif check.status in ("error", "not run"):
-                ET.SubElement(case, "error", message=check.message or result.problem or check.status).text = check.output[-OUTPUT_LIMIT:]
+                ET.SubElement(case, "error", message=_xml(check.message or result.problem or check.status)).text = _xml(check.output[-OUTPUT_LIMIT:])
             elif check.status == "skipped":
                 ET.SubElement(case, "skipped", message=check.message)
     ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)

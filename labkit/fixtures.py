@@ -22,7 +22,7 @@ import redis
 from labkit import workers
 from labkit.broker import broker_process, is_reachable, with_db
 from labkit.loader import Exercise, LessonError, load_exercise
-from labkit.manifest import TARGETS, Lesson, find_lesson, load_course
+from labkit.manifest import TARGETS, Lesson, lesson_of_test_file, load_course
 
 REAL_REDIS_DB = int(os.environ.get("LABKIT_REDIS_DB", "15"))
 
@@ -89,9 +89,8 @@ def course_root(request: pytest.FixtureRequest) -> Path:
 
 @pytest.fixture
 def lesson(request: pytest.FixtureRequest, course_root: Path) -> Lesson:
-    """The lesson of this test file (``tests/test_01_first_task.py`` -> 01_first_task)."""
-    stem = Path(str(request.node.fspath)).stem
-    return find_lesson(stem.removeprefix("test_"), load_course(course_root / "course.toml"))
+    """The lesson of this test file (``tests/test_01_first_task*.py`` -> 01_first_task)."""
+    return lesson_of_test_file(Path(str(request.node.fspath)).stem, load_course(course_root / "course.toml"))
 
 
 @pytest.fixture
@@ -130,8 +129,10 @@ def process_worker(lesson: Lesson, target: str, course_root: Path, broker_url: s
         yield start
 
 
-@pytest.hookimpl(tryfirst=True)
-def pytest_exception_interact(node, call, report) -> None:
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
     """Worker problems are the student's to read: show the message, not our traceback."""
+    outcome = yield
+    report = outcome.get_result()
     if call.excinfo is not None and call.excinfo.errisinstance((workers.WorkerError, LessonError)):
         report.longrepr = f"{call.excinfo.typename}: {call.excinfo.value}"

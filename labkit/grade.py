@@ -76,19 +76,21 @@ def grade_course(
     """Grade the lessons named by ``keys`` (all when empty) in one pytest run."""
     course = load_course(root / "course.toml")
     lessons = [find_lesson(key, course) for key in keys] if keys else course
-    by_file = {lesson.test_file(root).name: LessonResult(lesson) for lesson in lessons}
+    graded = {lesson.slug: LessonResult(lesson) for lesson in lessons}
+    by_file = {path.name: graded[lesson.slug] for lesson in lessons for path in lesson.test_files(root)}
     with tempfile.TemporaryDirectory(prefix="labkit-grade-") as tmp:
         results = Path(tmp) / "results.jsonl"
         results.touch()
-        command = pytest_command([lesson.test_file(root) for lesson in lessons], target, broker_url, results, root)
+        test_files = [path for lesson in lessons for path in lesson.test_files(root)]
+        command = pytest_command(test_files, target, broker_url, results, root)
         problem = _run(command, root, Path(tmp) / "pytest.log")
         _read(results, by_file)
-    for result in by_file.values():
+    for result in graded.values():
         if problem and not result.problem and any(c.status == "not run" for c in result.checks):
             result.problem = problem
         if not result.checks and not result.problem:
             result.problem = f"no checks found in tests/{result.lesson.test_file(root).name}"
-    return list(by_file.values())
+    return list(graded.values())
 
 
 def _run(command: list[str], root: Path, log: Path) -> str:

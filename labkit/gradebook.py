@@ -46,9 +46,11 @@ class Submission:
     path: Path  # a folder or a .zip
 
 
-def find_submissions(folder: Path) -> list[Submission]:
+def find_submissions(folder: Path, skip: Path | None = None) -> list[Submission]:
     found = []
     for path in sorted(folder.iterdir()):
+        if skip is not None and path.resolve() == skip.resolve():
+            continue  # the gradebook's own output folder
         if path.is_dir() and not path.name.startswith("."):
             found.append(Submission(path.name, path))
         elif path.suffix == ".zip":
@@ -164,10 +166,11 @@ def write_outputs(rows: list[dict], lessons: list[Lesson], out: Path, public: se
         writer = csv.writer(handle)
         writer.writerow(["student", "status", *(lesson.slug for lesson in lessons), "total", "max"])
         for row in rows:
-            by_slug = {lesson["lesson"]: lesson["points"] for lesson in row.get("lessons", [])}
-            writer.writerow(
-                [row["student"], row["status"], *(by_slug.get(l.slug, 0) for l in lessons), row.get("points", 0), row.get("max_points", "")]
-            )
+            if row["status"] != "ok":  # blank, not 0: a timeout is no score, and must not skew averages
+                writer.writerow([row["student"], row["status"], *([""] * len(lessons)), "", ""])
+                continue
+            by_slug = {lesson["lesson"]: lesson["points"] for lesson in row["lessons"]}
+            writer.writerow([row["student"], "ok", *(by_slug.get(l.slug, 0) for l in lessons), row["points"], row["max_points"]])
     feedback_dir = out / "feedback"
     feedback_dir.mkdir(exist_ok=True)
     for row in rows:
@@ -183,7 +186,7 @@ def run(
     progress=print,
     course: Path = ROOT,
 ) -> list[dict]:
-    chosen = find_submissions(submissions)
+    chosen = find_submissions(submissions, skip=out)
     if student:
         chosen = [s for s in chosen if s.name == student]
         if not chosen:
@@ -194,7 +197,8 @@ def run(
 
     def grade_one(submission: Submission) -> dict:
         row = grade_submission(submission, tests, limits, course)
-        progress(f"{row['student']}: {row['status']} {row.get('points', '-')}/{row.get('max_points', '-')}")
+        score = f"{row['points']}/{row['max_points']} points" if row["status"] == "ok" else row["problem"]
+        progress(f"{row['student']}: {row['status']}, {score}")
         return row
 
     with ThreadPoolExecutor(max_workers=JOBS) as pool:

@@ -64,10 +64,12 @@ def load_exercise(lesson: Lesson, name: str, target: str = "lessons", root: Path
         sys.modules.pop(name, None)
         _failed_imports[path] = f"{shown} could not be imported: {_describe(exc, path)}"
         raise LessonError(_failed_imports[path]) from None
-    except BaseException:  # the check's time limit struck while importing
+    except BaseException as exc:  # the check's time limit struck while importing
         sys.modules.pop(name, None)
         _failed_imports[path] = f"importing {shown} never finished: is there an endless loop at module level?"
-        raise
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise LessonError(_failed_imports[path]) from None
     return Exercise(module, shown)
 
 

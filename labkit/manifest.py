@@ -48,6 +48,11 @@ class Lesson:
     def test_file(self, root: Path = ROOT) -> Path:
         return root / "tests" / f"test_{self.slug}.py"
 
+    def test_files(self, root: Path = ROOT) -> list[Path]:
+        """``test_<slug>.py`` and any ``test_<slug>_*.py`` (e.g. an instructor's hidden checks)."""
+        extra = sorted((root / "tests").glob(f"test_{self.slug}_*.py"))
+        return [self.test_file(root), *extra]
+
 
 def load_course(path: Path = MANIFEST) -> list[Lesson]:
     data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -63,6 +68,15 @@ def load_course(path: Path = MANIFEST) -> list[Lesson]:
         )
         for entry in data["lessons"]
     ]
+
+
+def lesson_of_test_file(stem: str, lessons: list[Lesson]) -> Lesson:
+    """The lesson a test file belongs to: ``test_01_first_task`` or ``test_01_first_task_hidden``."""
+    name = stem.removeprefix("test_")
+    for lesson in lessons:
+        if name == lesson.slug or name.startswith(lesson.slug + "_"):
+            return lesson
+    raise LookupError(f"tests/{stem}.py belongs to no lesson in course.toml")
 
 
 def find_lesson(key: str, lessons: list[Lesson] | None = None) -> Lesson:

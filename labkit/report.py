@@ -6,6 +6,7 @@ import difflib
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.syntax import Syntax
 from rich.table import Table
 
@@ -22,7 +23,7 @@ def status_of(result: LessonResult) -> str:
     if result.done:
         return "[green]done[/]"
     if result.passed == 0:
-        return "[yellow]to do[/]"
+        return "[yellow]not started[/]"
     return "[yellow]in progress[/]"
 
 
@@ -56,12 +57,14 @@ def print_report(results: list[LessonResult], verbose: bool = False) -> bool:
         console.print(f"Lesson {first.lesson.number} could not be graded: {first.problem}", markup=False)
     else:
         console.print(describe_failure(first, check), markup=False)
-        if first.lesson.hint and check.status != "not run":
+        if first.passed == 0 and first.lesson.hint:  # just starting: the lesson's own first nudge
             console.print(f"[dim]Hint: {' '.join(first.lesson.hint.split())}[/]")
+        elif check.todo is not None:
+            console.print(f"[dim]Stuck? `make hint LESSON={first.lesson.number}` gives a hint for TODO {check.todo}.[/]")
     if verbose:
         for result in pending:
             for failed in (c for c in result.checks if not c.passed):
-                console.rule(f"{result.lesson.slug}::{failed.name} ({failed.status})")
+                console.rule(escape(f"{result.lesson.slug}::{failed.name} ({failed.status})"))
                 console.print(failed.detail or failed.message, markup=False)
                 if failed.output:
                     console.print(failed.output, markup=False)

@@ -1,8 +1,10 @@
 """The starter files of each lesson, kept so that ``reset`` works without git.
 
-The first labkit command (``make`` runs one while setting up) copies every
-exercise file to ``.labkit/starters/<slug>/``, before the learner edits it.
-If that copy is gone, ``reset`` falls back to the version git has committed.
+The first labkit command (``make`` runs one while setting up) keeps a copy of
+every exercise file in ``.labkit/starters/<slug>/``: git's committed version
+when there is one (in case the learner edited the file before running any
+command), else the file as it is. If that copy is gone, ``reset`` falls back
+to the version git has committed.
 """
 
 from __future__ import annotations
@@ -23,16 +25,18 @@ def save_starters(root: Path = ROOT) -> None:
     for lesson in load_course(root / "course.toml"):
         for name in lesson.files:
             source, copy = lesson.folder("lessons", root) / name, snapshot_dir(root) / lesson.slug / name
-            if source.exists() and not copy.exists():
-                copy.parent.mkdir(parents=True, exist_ok=True)
+            if copy.exists() or not source.exists():
+                continue
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            committed = _committed(lesson, name, root)
+            if committed is None:
                 shutil.copy2(source, copy)
+            else:
+                copy.write_text(committed, encoding="utf-8")
 
 
-def starter_text(lesson: Lesson, name: str, root: Path = ROOT) -> str | None:
-    """The starter version of ``lessons/<slug>/<name>``, or None if neither copy nor git has it."""
-    copy = snapshot_dir(root) / lesson.slug / name
-    if copy.exists():
-        return copy.read_text(encoding="utf-8")
+def _committed(lesson: Lesson, name: str, root: Path) -> str | None:
+    """The file as git has it at HEAD, or None (no git, or not committed)."""
     try:
         shown = subprocess.run(
             ["git", "show", f"HEAD:lessons/{lesson.slug}/{name}"], cwd=root, capture_output=True, text=True, timeout=10
@@ -40,6 +44,14 @@ def starter_text(lesson: Lesson, name: str, root: Path = ROOT) -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return shown.stdout if shown.returncode == 0 else None
+
+
+def starter_text(lesson: Lesson, name: str, root: Path = ROOT) -> str | None:
+    """The starter version of ``lessons/<slug>/<name>``, or None if neither the copy nor git has it."""
+    copy = snapshot_dir(root) / lesson.slug / name
+    if copy.exists():
+        return copy.read_text(encoding="utf-8")
+    return _committed(lesson, name, root)
 
 
 def changed_files(lesson: Lesson, root: Path = ROOT) -> list[str]:

@@ -32,14 +32,15 @@ class Keyboard:
     def __init__(self) -> None:
         self.lines: queue.Queue[str] = queue.Queue()
         self.typed = threading.Event()
+        self.closed = threading.Event()  # no keyboard (stdin closed): file events only
         threading.Thread(target=self._read, name="labkit-keyboard", daemon=True).start()
 
     def _read(self) -> None:
         for line in sys.stdin:
             self.lines.put(line.strip().lower())
             self.typed.set()
-        self.lines.put("q")  # end of input: quit
-        self.typed.set()
+        self.closed.set()
+        self.lines.put("q")  # wakes a waiting next_line(): nobody can press Enter any more
 
     def next_line(self) -> str:
         line = self.lines.get()
@@ -73,8 +74,8 @@ def wait_for_change(folder: Path, keyboard: Keyboard, poll: bool, manual: bool) 
     if not manual:
         console.print(f"[dim]Watching lessons/{folder.name}/ (save a file, or press Enter to grade now; q + Enter quits)[/]")
         stop = threading.Event()
-        relay = threading.Thread(target=lambda: (keyboard.typed.wait(), stop.set()), daemon=True)
-        relay.start()
+        if not keyboard.closed.is_set():
+            threading.Thread(target=lambda: (keyboard.typed.wait(), stop.set()), daemon=True).start()
         for changes in watchfiles.watch(folder, stop_event=stop, force_polling=poll, watch_filter=_python_files):
             if changes:
                 stop.set()
@@ -82,6 +83,10 @@ def wait_for_change(folder: Path, keyboard: Keyboard, poll: bool, manual: bool) 
     else:
         console.print("[dim]Press Enter to grade again (q + Enter quits).[/]")
     return QUIT if keyboard.next_line() == "q" else GRADE
+
+
+def _stamp(folder: Path) -> dict[str, int]:
+    return {path.name: path.stat().st_mtime_ns for path in folder.glob("*.py")}
 
 
 def _python_files(change: watchfiles.Change, path: str) -> bool:
@@ -95,6 +100,8 @@ def run(root: Path = ROOT, poll: bool = False, manual: bool = False) -> int:
     index = next((i for i, lesson in enumerate(lessons) if progress.status(lesson.slug) != "done"), 0)
     while True:
         lesson = lessons[index]
+        before = _stamp(lesson.folder("lessons", root))
+        console.print(f"[dim]Grading lesson {lesson.number}…[/]")
         (result,) = grade_course((lesson.slug,), root=root)
         progress.record([result])
         show(result, lessons, progress)
@@ -110,6 +117,9 @@ def run(root: Path = ROOT, poll: bool = False, manual: bool = False) -> int:
             if keyboard.next_line() == "q":
                 return 0
             index += 1
+            continue
+        if not manual and _stamp(lesson.folder("lessons", root)) != before:
+            console.print("[dim]A file changed while grading: grading again.[/]")
             continue
         if wait_for_change(lesson.folder("lessons", root), keyboard, poll, manual) == QUIT:
             return 1

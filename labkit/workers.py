@@ -14,6 +14,7 @@ Pick by what the check must prove (see ``CELERY-FACTS`` in the README):
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import sys
 import threading
 import time
 import uuid
+import warnings
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -115,6 +117,11 @@ def thread_worker(
             _interrupt([thread, *pool_threads])
             _wait_unblocking(lambda: not thread.is_alive(), app.conf.broker_url, 5.0)
         worker_state.should_terminate = None
+        # Results of the stopped worker sit in reference cycles; freed later, they would open
+        # (and never close) a Redis connection, and warn in some other check. Free them now.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
     if runaway:
         raise WorkerError(
             f"the worker was still busy {stop_timeout:.0f} s after the check ended: "
