@@ -6,20 +6,28 @@ talk to redis-server, so nothing in a lesson knows which one it got.
 Why not fakeredis's own ``TcpFakeServer``: it closes the connection after any
 error reply (kombu sends ``EVALSHA`` first and expects ``NOSCRIPT``), and its
 replies wait on Nagle's algorithm (about 90 ms a task). This front end keeps
-the connection open on errors, sets ``TCP_NODELAY`` and runs one thread per
-client connection that reads commands with a blocking ``recv``, runs them, and
-sends every reply (and every pushed pub/sub message) the moment it exists.
+connections open on errors, sets ``TCP_NODELAY``, and works like redis-server:
 
-A watchdog thread looks at the clients blocked in ``BRPOP``: when one has hung
-up (a worker that was killed), its pop is cancelled, so the next message pushed
-to that list is not handed to a dead connection and lost.
+- one event-loop thread reads every connection and runs their commands one at
+  a time, in the order they arrive. Commands from different connections are
+  never reordered (Celery subscribes to a result's channel on one connection
+  before the worker publishes the result on another: the subscription must
+  come first);
+- a blocking command (``BRPOP`` and friends) runs on a thread of its own
+  client, so the loop goes on serving the others meanwhile;
+- replies, and pushed pub/sub messages, are sent the moment they exist;
+- a client that hangs up while blocked (a worker that was killed) has its
+  ``BRPOP`` cancelled at once, so the next message pushed to that list is not
+  handed to a dead connection and lost.
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import re
 import select
+import selectors
 import signal
 import socket
 import subprocess
@@ -36,14 +44,56 @@ from fakeredis._clients._tcp_server import encode_reply  # pinned: fakeredis==2.
 __all__ = ["EmbeddedBroker", "broker_process", "is_reachable", "same_redis", "with_db"]
 
 _JOIN_TIMEOUT = 5.0
-_WATCH_INTERVAL = 0.1  # how often blocked clients are checked for a hang-up
+_SEND_TIMEOUT = 10.0  # a client that reads nothing for this long is dropped
+BLOCKING_COMMANDS = {b"BLPOP", b"BRPOP", b"BRPOPLPUSH", b"BLMOVE", b"BLMPOP", b"BZPOPMIN", b"BZPOPMAX", b"BZMPOP", b"WAIT"}
+
+
+def split_commands(buffer: bytearray) -> list[list[bytes]]:
+    """Take every complete RESP command (an array of bulk strings) off the front of ``buffer``."""
+    commands = []
+    while buffer:
+        if buffer[:1] != b"*":
+            raise ValueError("Protocol error: expected '*'")
+        end = buffer.find(b"\r\n")
+        if end < 0:
+            break
+        count, position, fields = int(buffer[1:end]), end + 2, []
+        for _ in range(count):
+            end = buffer.find(b"\r\n", position)
+            if end < 0 or buffer[position : position + 1] != b"$":
+                if end >= 0:
+                    raise ValueError("Protocol error: expected '$'")
+                break
+            length = int(buffer[position + 1 : end])
+            start, stop = end + 2, end + 2 + length
+            if len(buffer) < stop + 2:
+                break
+            fields.append(bytes(buffer[start:stop]))
+            position = stop + 2
+        if len(fields) < count:
+            break  # incomplete: wait for more bytes
+        del buffer[:position]
+        commands.append(fields)
+    return commands
+
+
+def _encode(fields: list[bytes]) -> bytes:
+    return b"*%d\r\n" % len(fields) + b"".join(b"$%d\r\n%s\r\n" % (len(f), f) for f in fields)
+
+
+def is_blocking(fields: list[bytes]) -> bool:
+    name = fields[0].upper() if fields else b""
+    if name in BLOCKING_COMMANDS:
+        return True
+    return name in (b"XREAD", b"XREADGROUP") and any(f.upper() == b"BLOCK" for f in fields[1:])
 
 
 class _Replies:
     """Stands in for the fake socket's reply queue: each reply is sent at once.
 
-    Replies to a client's own commands come from its thread; pushed pub/sub
-    messages come from the publisher's thread. The lock keeps them whole.
+    Replies come from the loop thread, from the client's blocking-command
+    thread, and (pushed pub/sub messages) from a publisher's command. The lock
+    keeps each one whole.
     """
 
     def __init__(self, client: _Client) -> None:
@@ -51,24 +101,30 @@ class _Replies:
         self.lock = threading.Lock()
 
     def put(self, reply: Any) -> None:
-        data = encode_reply(reply, self.client.fake._client_info.protocol_version)
+        data = memoryview(encode_reply(reply, self.client.fake._client_info.protocol_version))
         with self.lock:
             try:
-                self.client.sock.sendall(data)
+                while data:
+                    try:
+                        data = data[self.client.sock.send(data) :]
+                    except BlockingIOError:
+                        if not select.select([], [self.client.sock], [], _SEND_TIMEOUT)[1]:
+                            raise TimeoutError("the client reads nothing") from None
             except OSError:
-                pass  # the peer has gone; its thread notices on its next recv
+                self.client.hang_up()  # the peer has gone, or stopped reading
 
     def qsize(self) -> int:
         return 0
 
 
 class _Client:
-    """One TCP client: its socket, its fake-redis connection and one thread."""
+    """One TCP connection: its socket, its fake-redis connection, and a thread while it blocks."""
 
     def __init__(self, server: EmbeddedBroker, sock: socket.socket, address: Any) -> None:
         self.server = server
         self.sock = sock
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setblocking(False)
         # Keep the connection object: when it is garbage-collected it closes its socket.
         # RESP2 until the client itself sends HELLO, as with a real server.
         self.connection = FakeRedisConnection(
@@ -79,29 +135,80 @@ class _Client:
         )
         self.fake = self.connection.get_socket()
         self.fake.responses = _Replies(self)
-        self.thread = threading.Thread(target=self._serve, name=f"labkit-broker-{address[1]}", daemon=True)
+        self.buffer = bytearray()
+        self.lock = threading.Lock()
+        self.work = threading.Condition(self.lock)
+        self.queued: collections.deque[list[bytes]] = collections.deque()  # for the blocking thread
+        self.busy = False  # a blocking command (or what came after it) is running on self.thread
+        self.closed = False
+        self.thread: threading.Thread | None = None
 
-    def _serve(self) -> None:
+    def on_readable(self) -> None:
+        """Runs on the loop thread when the socket has data (or the peer hung up)."""
         try:
-            while data := self.sock.recv(65536):
-                self.fake.sendall(data)  # runs the commands; a BRPOP blocks here
-        except OSError:
-            pass  # reset by the peer, or shut down by stop()
-        except Exception as exc:  # a protocol error: like redis-server, reply and hang up
-            self.fake.responses.put(exc)
-        finally:
-            self.fake.close()
-            self.sock.close()
-            self.server._forget(self)
-
-    def hung_up(self) -> bool:
-        """True when the peer has closed its end (asked while it is blocked, so nothing else reads)."""
-        try:
-            return self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            data = self.sock.recv(65536)
         except BlockingIOError:
-            return False
+            return
         except OSError:
-            return True
+            data = b""
+        if not data:
+            self.hang_up()
+            return
+        self.buffer += data
+        try:
+            commands = split_commands(self.buffer)
+        except ValueError as exc:  # like redis-server: reply, then hang up
+            self.fake.responses.put(fakeredis._helpers.SimpleError(f"ERR {exc}"))
+            self.hang_up()
+            return
+        for fields in commands:
+            with self.lock:
+                if self.busy or is_blocking(fields):
+                    self._hand_over(fields)
+                    continue
+            self._run(fields)
+
+    def _run(self, fields: list[bytes]) -> None:
+        try:
+            self.fake.sendall(_encode(fields))
+        except Exception as exc:  # the connection was killed (CLIENT KILL) or broke
+            self.fake.responses.put(exc)
+            self.hang_up()
+
+    def _hand_over(self, fields: list[bytes]) -> None:
+        """Queue a command for this client's own thread (called with self.lock held)."""
+        self.busy = True
+        self.queued.append(fields)
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run_queued, name="labkit-broker-blocking", daemon=True)
+            self.thread.start()
+        self.work.notify()
+
+    def _run_queued(self) -> None:
+        """This client's commands from its first blocking one on, in order, off the loop thread."""
+        while True:
+            with self.lock:
+                while not self.queued and not self.closed:
+                    self.busy = False  # caught up: the loop may run this client's commands again
+                    self.work.wait()
+                if self.closed:
+                    break
+                fields = self.queued.popleft()
+            self._run(fields)
+        self._release()
+
+    def hang_up(self) -> None:
+        """The peer has gone (or we stop): cancel what blocks, then free everything."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            self.work.notify()
+            has_thread = self.thread is not None
+        self.server._forget(self)
+        self.cancel_blocking_command()
+        if not has_thread:
+            self._release()
 
     def cancel_blocking_command(self) -> None:
         """Wake a blocked BRPOP with an empty reply, the way CLIENT UNBLOCK does."""
@@ -110,12 +217,9 @@ class _Client:
                 self.fake._unblock_reason = b"timeout"
                 self.fake._db.wake_all()
 
-    def stop(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)  # wakes recv()
-        except OSError:
-            pass
-        self.cancel_blocking_command()
+    def _release(self) -> None:
+        self.fake.close()
+        self.sock.close()
 
 
 class EmbeddedBroker:
@@ -132,8 +236,10 @@ class EmbeddedBroker:
         self.requested_port = port
         self.port: int | None = None
         self.fake_server = fakeredis.FakeServer(version=(7, 4))
+        self._selector: selectors.BaseSelector | None = None
         self._listener: socket.socket | None = None
-        self._threads: list[threading.Thread] = []
+        self._wake: tuple[socket.socket, socket.socket] | None = None  # stop() writes, the loop wakes
+        self._loop_thread: threading.Thread | None = None
         self._clients: set[_Client] = set()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -146,63 +252,78 @@ class EmbeddedBroker:
 
     def start(self) -> EmbeddedBroker:
         self._listener = socket.create_server((self.host, self.requested_port), backlog=128)
+        self._listener.setblocking(False)
         self.port = self._listener.getsockname()[1]
+        self._wake = socket.socketpair()
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ, "accept")
+        self._selector.register(self._wake[0], selectors.EVENT_READ, "wake")
         self._stopping.clear()
-        self._threads = [
-            threading.Thread(target=self._accept, name="labkit-broker-accept", daemon=True),
-            threading.Thread(target=self._watch_blocked_clients, name="labkit-broker-watchdog", daemon=True),
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._loop_thread = threading.Thread(target=self._loop, name="labkit-broker-loop", daemon=True)
+        self._loop_thread.start()
         return self
+
+    def _loop(self) -> None:
+        assert self._selector is not None
+        while not self._stopping.is_set():
+            for key, _ in self._selector.select():
+                if key.data == "accept":
+                    self._accept()
+                elif isinstance(key.data, _Client):
+                    key.data.on_readable()
 
     def _accept(self) -> None:
         assert self._listener is not None
         while True:
             try:
                 sock, address = self._listener.accept()
-            except OSError:  # the listener was shut down: stop accepting
+            except (BlockingIOError, OSError):
                 return
             client = _Client(self, sock, address)
             with self._lock:
                 self._clients.add(client)
-            client.thread.start()
-
-    def _watch_blocked_clients(self) -> None:
-        while not self._stopping.wait(_WATCH_INTERVAL):
-            with self._lock:
-                blocked = [client for client in self._clients if client.fake._blocked]
-            for client in blocked:
-                if client.hung_up():
-                    client.cancel_blocking_command()
+            assert self._selector is not None
+            self._selector.register(sock, selectors.EVENT_READ, client)
 
     def _forget(self, client: _Client) -> None:
         with self._lock:
             self._clients.discard(client)
+            try:
+                if self._selector is not None:
+                    self._selector.unregister(client.sock)
+            except (KeyError, ValueError):
+                pass
 
     def stop(self) -> None:
         """Close every connection and the port, and join every thread."""
+        if self._loop_thread is None:
+            return
         self._stopping.set()
-        if self._listener is not None:
-            try:
-                self._listener.shutdown(socket.SHUT_RDWR)  # wakes accept() on Linux
-            except OSError:
-                pass
-            self._listener.close()
-            self._listener = None
+        assert self._wake is not None and self._selector is not None
+        self._wake[1].send(b"x")
+        self._loop_thread.join(_JOIN_TIMEOUT)
+        self._loop_thread = None
         with self._lock:
             clients = list(self._clients)
         for client in clients:
-            client.stop()
-        for thread in self._threads + [client.thread for client in clients]:
-            thread.join(_JOIN_TIMEOUT)
-        self._threads = []
+            client.hang_up()
+        for client in clients:
+            if client.thread is not None:
+                client.thread.join(_JOIN_TIMEOUT)
+        assert self._listener is not None
+        self._listener.close()
+        self._listener = None
+        for sock in self._wake:
+            sock.close()
+        self._selector.close()
 
     def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
 
 
 def with_db(url: str, db: int) -> str:
