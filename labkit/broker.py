@@ -111,7 +111,9 @@ class _Replies:
                         if not select.select([], [self.client.sock], [], _SEND_TIMEOUT)[1]:
                             raise TimeoutError("the client reads nothing") from None
             except OSError:
-                self.client.hang_up()  # the peer has gone, or stopped reading
+                # The peer has gone, or stopped reading. This may run inside a command, under
+                # fakeredis's lock: only shut the socket, and the loop hangs the client up.
+                self.client.shut()
 
     def qsize(self) -> int:
         return 0
@@ -196,6 +198,12 @@ class _Client:
                 fields = self.queued.popleft()
             self._run(fields)
         self._release()
+
+    def shut(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # the loop sees the end of input
+        except OSError:
+            pass
 
     def hang_up(self) -> None:
         """The peer has gone (or we stop): cancel what blocks, then free everything."""
@@ -384,5 +392,10 @@ def broker_process(start_timeout: float = 20.0) -> Iterator[str]:
 
 
 def _die_with_parent() -> None:  # runs in the child, before exec
+    """Have the kernel SIGKILL this child when its parent goes, so nothing outlives a killed run.
+
+    Linux ties this to the parent *thread* that started the child: start children from a
+    thread that lives as long as they should (the main thread, in tests).
+    """
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)

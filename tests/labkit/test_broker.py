@@ -278,6 +278,20 @@ def test_client_killed_while_blocked_does_not_steal_the_next_message(broker, url
 # --- Celery end to end ----------------------------------------------------------
 
 
+def test_subscribers_that_vanish_do_not_stall_the_server(url, r):
+    """Replies to a peer that reset its connection fail under fakeredis's lock: the server must go on."""
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    for _ in range(20):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
+        raw.sendall(resp_command(b"SUBSCRIBE", b"vanishing"))
+        raw.recv(1024)  # the subscribe confirmation
+        raw.sendall(resp_command(b"UNSUBSCRIBE", b"vanishing"))
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+        raw.close()  # with a zero linger: a reset, so the server's reply cannot be sent
+        r.publish("vanishing", "anyone?")
+    assert r.ping() and r.publish("vanishing", "still serving") == 0
+
+
 def test_celery_round_trip_and_chord(url, monkeypatch):
     monkeypatch.setenv("REDIS_URL", url)
     app = Celery("broker_probe", broker=url, backend=url)

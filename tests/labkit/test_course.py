@@ -23,6 +23,10 @@ from labkit.broker import is_reachable
 from labkit.grade import LessonResult, grade_course
 from labkit.manifest import ROOT, load_course
 
+# The gradings and notebooks below bound their own waits (60 s a check, 120 s a cell);
+# the first check that needs them waits for the whole course, so it gets longer.
+pytestmark = pytest.mark.timeout(900)
+
 LESSONS = load_course()
 IDS = [lesson.slug for lesson in LESSONS]
 REAL_REDIS = os.environ.get("LABKIT_REAL_REDIS", "redis://127.0.0.1:6379")
