@@ -41,7 +41,7 @@ import fakeredis
 from fakeredis._clients._sync import FakeRedisConnection
 from fakeredis._clients._tcp_server import encode_reply  # pinned: fakeredis==2.40.0
 
-__all__ = ["EmbeddedBroker", "broker_process", "is_reachable", "same_redis", "with_db"]
+__all__ = ["EmbeddedBroker", "broker_process", "die_with_parent", "is_reachable", "same_redis", "with_db"]
 
 _JOIN_TIMEOUT = 5.0
 _SEND_TIMEOUT = 10.0  # a client that reads nothing for this long is dropped
@@ -370,7 +370,7 @@ def broker_process(start_timeout: float = 20.0) -> Iterator[str]:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         text=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
     )
     try:
         assert process.stdout is not None
@@ -391,7 +391,7 @@ def broker_process(start_timeout: float = 20.0) -> Iterator[str]:
             process.stdout.close()
 
 
-def _die_with_parent() -> None:  # runs in the child, before exec
+def die_with_parent() -> None:  # runs in the child, before exec
     """Have the kernel SIGKILL this child when its parent goes, so nothing outlives a killed run.
 
     Linux ties this to the parent *thread* that started the child: start children from a

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from labkit.broker import _die_with_parent
+from labkit.broker import die_with_parent
 
 HOST = "127.0.0.1"
 
@@ -78,7 +78,7 @@ def uvicorn_server(
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
     )
     log: deque[str] = deque(maxlen=2000)
     reader = threading.Thread(target=lambda: log.extend(process.stdout), name="labkit-web-log", daemon=True)

@@ -34,7 +34,7 @@ from celery._state import _set_task_join_will_block
 from celery.contrib.testing.worker import TestWorkController, setup_app_for_worker
 from celery.worker import state as worker_state
 
-from labkit.broker import _die_with_parent, same_redis
+from labkit.broker import die_with_parent, same_redis
 
 LOGLEVEL = os.environ.get("LABKIT_WORKER_LOGLEVEL", "WARNING")
 
@@ -224,7 +224,7 @@ def process_worker(
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # one process group: stopping it stops the pool processes too
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
     )
     log: deque[str] = deque(maxlen=2000)
     ready = threading.Event()

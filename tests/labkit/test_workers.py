@@ -16,7 +16,6 @@ import pytest
 import redis
 from celery import Celery
 
-from labkit import workers
 from labkit.broker import broker_process
 from labkit.workers import WorkerError, process_worker, thread_worker
 
