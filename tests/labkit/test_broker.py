@@ -17,6 +17,7 @@ from celery import Celery, chord, group
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from labkit.checks import wait_until
 from labkit.broker import EmbeddedBroker, broker_process
 from labkit.workers import thread_worker
 
@@ -42,17 +43,6 @@ def r(url):
     client = redis.Redis.from_url(url, socket_timeout=WAIT, decode_responses=True)
     yield client
     client.close()
-
-
-def wait_until(condition, what: str, timeout: float = WAIT, interval: float = 0.01):
-    """Poll ``condition`` until it returns something true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def blocked_clients(broker: EmbeddedBroker) -> int:
@@ -136,7 +126,7 @@ def test_brpop_is_woken_by_lpush_from_another_client(broker, url, r):
 
     thread = threading.Thread(target=pop, name="test-brpop")
     thread.start()
-    wait_until(lambda: blocked_clients(broker) == 1, "the BRPOP to block")
+    wait_until(lambda: blocked_clients(broker) == 1, WAIT, "timed out waiting for the BRPOP to block")
     assert not done.is_set()
     r.lpush("wake-me", "job-1")
     assert done.wait(WAIT), "the blocked BRPOP was not woken by LPUSH"
@@ -254,20 +244,20 @@ def test_client_killed_while_blocked_does_not_steal_the_next_message(broker, url
     dead = socket.create_connection((broker.host, broker.port), timeout=WAIT)
     dead_port = dead.getsockname()[1]
     dead.sendall(resp_command(b"BRPOP", b"work", b"0"))  # block forever, like an idle worker
-    wait_until(lambda: blocked_clients(broker) == 1, "the raw client's BRPOP to block")
+    wait_until(lambda: blocked_clients(broker) == 1, WAIT, "timed out waiting for the raw client's BRPOP to block")
     dead.close()  # the worker is killed while it waits
 
     def dead_client_listed() -> bool:
         return any(entry["addr"] == f"127.0.0.1:{dead_port}" for entry in r.client_list())
 
     # The watchdog cancels the dead client's pop; then its connection goes away.
-    wait_until(lambda: not dead_client_listed(), "the broker to drop the dead client")
+    wait_until(lambda: not dead_client_listed(), WAIT, "timed out waiting for the broker to drop the dead client")
 
     survivor = redis.Redis.from_url(url, socket_timeout=WAIT + 5)
     got: list = []
     thread = threading.Thread(target=lambda: got.append(survivor.brpop("work", timeout=WAIT)), name="test-survivor")
     thread.start()
-    wait_until(lambda: blocked_clients(broker) == 1, "the surviving client's BRPOP to block")
+    wait_until(lambda: blocked_clients(broker) == 1, WAIT, "timed out waiting for the surviving client's BRPOP to block")
     r.lpush("work", "task-1")
     thread.join(WAIT + 1)
     survivor.close()
@@ -335,7 +325,7 @@ def test_stop_joins_every_thread_and_frees_the_port():
     popper = threading.Thread(target=wait_forever, name="test-blocked")
     popper.start()
     try:
-        wait_until(lambda: blocked_clients(server) == 1, "the BRPOP to block")
+        wait_until(lambda: blocked_clients(server) == 1, WAIT, "timed out waiting for the BRPOP to block")
     finally:
         started = time.monotonic()
         server.stop()

@@ -16,6 +16,7 @@ import pytest
 import redis
 from celery import Celery
 
+from labkit.checks import wait_until
 from labkit.broker import broker_process
 from labkit.workers import WorkerError, process_worker, thread_worker
 
@@ -101,14 +102,6 @@ def process_group(pgid: int) -> list[int]:
     return members
 
 
-def wait_until(condition, what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.02)
-
-
 # --- the thread worker ------------------------------------------------------------
 
 
@@ -177,7 +170,7 @@ def test_process_worker_round_trip_then_kill_leaves_no_process(url, make_app, tm
         worker.kill()
         assert worker.process.returncode == -signal.SIGKILL
         assert not is_alive(worker.pid)
-    wait_until(lambda: not any(is_alive(pid) for pid in group), f"the worker's processes {group} to end")
+    wait_until(lambda: not any(is_alive(pid) for pid in group), WAIT, f"timed out waiting for the worker's processes {group} to end")
     assert process_group(worker.pid) == []
     assert "ready." in worker.log
 
@@ -190,7 +183,7 @@ def test_process_worker_exit_stops_the_worker_and_its_pool(url, make_app, tmp_pa
         group = process_group(worker.pid)
         assert {worker.pid, pool_pid} <= set(group)
     assert worker.process.returncode is not None
-    wait_until(lambda: not any(is_alive(pid) for pid in group), f"the worker's processes {group} to end")
+    wait_until(lambda: not any(is_alive(pid) for pid in group), WAIT, f"timed out waiting for the worker's processes {group} to end")
     assert process_group(worker.pid) == []
 
 
