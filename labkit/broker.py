@@ -23,14 +23,12 @@ connections open on errors, sets ``TCP_NODELAY``, and works like redis-server:
 
 from __future__ import annotations
 
+import argparse
 import collections
-import ctypes
-import re
 import select
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import urllib.parse
@@ -41,7 +39,9 @@ import fakeredis
 from fakeredis._clients._sync import FakeRedisConnection
 from fakeredis._clients._tcp_server import encode_reply  # pinned: fakeredis==2.40.0
 
-__all__ = ["EmbeddedBroker", "broker_process", "die_with_parent", "is_reachable", "same_redis", "with_db"]
+from labkit.procs import ChildProcess, ProcessError, free_port, port_open
+
+__all__ = ["EmbeddedBroker", "broker_process", "is_reachable", "same_redis", "with_db"]
 
 _JOIN_TIMEOUT = 5.0
 _SEND_TIMEOUT = 10.0  # a client that reads nothing for this long is dropped
@@ -360,42 +360,50 @@ def is_reachable(url: str, timeout: float = 1.0) -> bool:
 
 @contextmanager
 def broker_process(start_timeout: float = 20.0) -> Iterator[str]:
-    """Run the embedded broker in a child process and yield its URL.
+    """Run the embedded broker in a child process (``python -m labkit.broker``) and yield its URL.
 
     The grader uses this one: the broker gets a core and an interpreter lock of
     its own, like redis-server, so a busy test or a runaway task cannot slow it.
+    The port is chosen here and the child is ready once it accepts connections.
     """
-    process = subprocess.Popen(
-        [sys.executable, "-m", "labkit", "broker"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        text=True,
-        preexec_fn=die_with_parent,
-    )
-    try:
-        assert process.stdout is not None
-        readable, _, _ = select.select([process.stdout], [], [], start_timeout)
-        first_line = process.stdout.readline() if readable else ""
-        match = re.search(r"redis://\S+", first_line)
-        if not match:
-            raise RuntimeError(f"the embedded broker did not start within {start_timeout:.0f} s: {first_line!r}")
-        yield match.group(0)
-    finally:
-        process.terminate()
+    for attempt in (1, 2):  # a port chosen here can be taken by someone else before the child binds it
+        port = free_port()
+        child = ChildProcess(
+            [sys.executable, "-m", "labkit.broker", "--port", str(port)],
+            name="embedded-broker",
+            ready=port_open(port),
+            start_timeout=start_timeout,
+        )
         try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        if process.stdout is not None:
-            process.stdout.close()
+            child.start()
+        except ProcessError as exc:
+            if attempt == 2 or "Address already in use" not in str(exc):
+                raise RuntimeError(f"the embedded broker did not start: {exc}") from None
+            continue
+        try:
+            yield f"redis://127.0.0.1:{port}/0"
+        finally:
+            child.stop()
+        return
 
 
-def die_with_parent() -> None:  # runs in the child, before exec
-    """Have the kernel SIGKILL this child when its parent goes, so nothing outlives a killed run.
+def serve(port: int = 0, announce=print) -> None:
+    """Run the embedded broker in this process until SIGINT or SIGTERM."""
+    with EmbeddedBroker(port=port) as server:
+        announce(server.url)
+        stop = threading.Event()
+        # Ctrl-C, or SIGTERM from a script (background jobs ignore SIGINT).
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        stop.wait()
 
-    Linux ties this to the parent *thread* that started the child: start children from a
-    thread that lives as long as they should (the main thread, in tests).
-    """
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m labkit.broker", description="The embedded Redis-compatible broker.")
+    parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: a free one)")
+    args = parser.parse_args(argv)
+    serve(args.port, announce=lambda url: print(f"Embedded broker (fakeredis) listening on {url}", flush=True))
+
+
+if __name__ == "__main__":
+    main()

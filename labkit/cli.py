@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import click
@@ -38,24 +36,18 @@ def _lesson(key: str, hint: str = "LESSON"):
 @click.option("--port", default=0, show_default="a free port", help="TCP port to listen on.")
 def broker(port: int) -> None:
     """Run the embedded Redis-compatible broker until Ctrl-C."""
-    from labkit.broker import EmbeddedBroker
+    from labkit.broker import serve
 
-    with EmbeddedBroker(port=port) as server:
-        # The first line is read by labkit's own broker_process(): keep the URL on it.
-        click.echo(f"Embedded broker (fakeredis) listening on {server.url}")
-        sys.stdout.flush()
-        if sys.stdin is not None and sys.stdin.isatty():
-            click.echo(
-                "In another terminal, point Celery at it and start a worker, for example:\n"
-                f"  export REDIS_URL={server.url}\n"
-                "  cd lessons/01_first_task && celery -A first_task1 worker --loglevel=INFO\n"
-                "Press Ctrl-C to stop (the data lives in memory and goes with it)."
-            )
-        stop = threading.Event()
-        # Ctrl-C, or SIGTERM from a script (background jobs ignore SIGINT).
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: stop.set())
-        stop.wait()
+    def announce(url: str) -> None:
+        click.echo(f"Embedded broker (fakeredis) listening on {url}")
+        click.echo(
+            "In another terminal, point Celery at it and start a worker, for example:\n"
+            f"  export REDIS_URL={url}\n"
+            "  cd lessons/01_first_task && celery -A first_task1 worker --loglevel=INFO\n"
+            "Press Ctrl-C to stop (the data lives in memory and goes with it)."
+        )
+
+    serve(port, announce)
 
 
 @main.command()

@@ -13,51 +13,32 @@ then SIGKILL if it is still there after ``stop_timeout``.
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
-import subprocess
 import sys
-import threading
-import time
-from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from labkit.broker import die_with_parent
+from labkit.procs import ChildProcess, ProcessError, free_port, port_open
 
 HOST = "127.0.0.1"
+ServerError = ProcessError  # the server could not start; the message has its last lines of output
 
-
-class ServerError(RuntimeError):
-    """The server could not start; the message says why, with its last lines of output."""
+__all__ = ["HOST", "RunningServer", "ServerError", "free_port", "uvicorn_server"]
 
 
 class RunningServer(str):
-    """The server's base URL (a plain ``str``), with its process and its output so far."""
+    """The server's base URL (a plain ``str``), with its process (``.child``) and its output so far."""
 
-    process: subprocess.Popen
-    _log: deque[str]
+    child: ChildProcess
+
+    @property
+    def process(self):
+        return self.child.process
 
     @property
     def log(self) -> str:
-        return "".join(self._log)
-
-
-def free_port(host: str = HOST) -> int:
-    """A port nobody listens on right now (the OS picks it; it is free once closed)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def _accepts_connections(port: int) -> bool:
-    try:
-        socket.create_connection((HOST, port), timeout=0.5).close()
-    except OSError:
-        return False
-    return True
+        return self.child.log
 
 
 @contextmanager
@@ -70,38 +51,17 @@ def uvicorn_server(
 ) -> Iterator[RunningServer]:
     """Run ``uvicorn <module_app>`` in ``cwd`` and yield its base URL, e.g. ``http://127.0.0.1:41234``."""
     port = free_port()
-    process = subprocess.Popen(
+    child = ChildProcess(
         [sys.executable, "-m", "uvicorn", module_app, "--host", HOST, "--port", str(port)],
+        name=f"uvicorn {module_app}",
+        ready=port_open(port),  # uvicorn listens only once the app's lifespan startup has finished
         cwd=cwd,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        preexec_fn=die_with_parent,
+        env=env,
+        start_timeout=start_timeout,
+        stop_signal=signal.SIGTERM,  # uvicorn's graceful shutdown runs the lifespan's end
+        stop_timeout=stop_timeout,
     )
-    log: deque[str] = deque(maxlen=2000)
-    reader = threading.Thread(target=lambda: log.extend(process.stdout), name="labkit-web-log", daemon=True)
-    reader.start()
-    server = RunningServer(f"http://{HOST}:{port}")
-    server.process, server._log = process, log
-    try:
-        deadline = time.monotonic() + start_timeout
-        while not _accepts_connections(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                reason = "exited" if process.poll() is not None else f"did not answer within {start_timeout:.0f} s"
-                reader.join(1)  # the last lines of a process that exited
-                tail = "".join(list(log)[-8:])
-                raise ServerError(f"`uvicorn {module_app}` {reason}. Its last lines:\n{tail}")
-            time.sleep(0.05)
+    with child:
+        server = RunningServer(f"http://{HOST}:{port}")
+        server.child = child
         yield server
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(stop_timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        process.wait(10)
-        reader.join(5)
-        process.stdout.close()

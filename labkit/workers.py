@@ -17,13 +17,11 @@ import ctypes
 import gc
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
 import uuid
 import warnings
-from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -34,7 +32,8 @@ from celery._state import _set_task_join_will_block
 from celery.contrib.testing.worker import TestWorkController, setup_app_for_worker
 from celery.worker import state as worker_state
 
-from labkit.broker import die_with_parent, same_redis
+from labkit.broker import same_redis
+from labkit.procs import ChildProcess, ProcessError
 
 LOGLEVEL = os.environ.get("LABKIT_WORKER_LOGLEVEL", "WARNING")
 
@@ -145,55 +144,57 @@ def _interrupt(threads: list[threading.Thread]) -> None:
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread.ident), ctypes.py_object(RunawayTask))
 
 
-def _wait_unblocking(done: Callable[[], bool], broker_url: str | None, timeout: float) -> None:
-    """Wait until ``done()`` while cutting short the BRPOPs of stopping workers.
+class _Unblocker:
+    """Cuts short the BRPOPs of stopping workers: call it while waiting for them to exit.
 
     On shutdown kombu reads the reply of its BRPOP in flight, which comes only
     when that BRPOP's 1 s timeout runs out. CLIENT UNBLOCK ends it at once, as
     if it had timed out; it touches only clients blocked in this database (ours).
     """
+
+    def __init__(self, broker_url: str | None) -> None:
+        self._client = redis.Redis.from_url(broker_url, socket_timeout=5) if broker_url else None
+
+    def __call__(self) -> None:
+        if self._client is None:
+            return
+        database = self._client.connection_pool.connection_kwargs.get("db", 0)
+        try:
+            for info in self._client.client_list():
+                if int(info.get("db", database)) == database:
+                    self._client.client_unblock(int(info["id"]))
+        except redis.RedisError:
+            pass
+
+    def __enter__(self) -> _Unblocker:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+def _wait_unblocking(done: Callable[[], bool], broker_url: str | None, timeout: float) -> None:
+    """Wait up to ``timeout`` s until ``done()``, cutting short the stopping worker's BRPOP."""
     deadline = time.monotonic() + timeout
-    with redis.Redis.from_url(broker_url or "redis://127.0.0.1:6379", socket_timeout=5) as client:
-        database = client.connection_pool.connection_kwargs.get("db", 0)
+    with _Unblocker(broker_url) as unblock:
         while not done() and time.monotonic() < deadline:
             time.sleep(0.05)
-            if broker_url is None:
-                continue
-            try:
-                for info in client.client_list():
-                    if int(info.get("db", database)) == database:
-                        client.client_unblock(int(info["id"]))
-            except redis.RedisError:
-                pass
+            unblock()
 
 
-class WorkerProcess:
-    """A running ``celery worker`` command: its process and its log so far."""
+class WorkerProcess(ChildProcess):
+    """A running ``celery worker`` command; ``name`` is its hostname (for ``inspect``/``control``)."""
 
-    def __init__(self, process: subprocess.Popen, log: deque[str], name: str) -> None:
-        self.process = process
-        self.name = name
-        self._log = log
+    def stop_warm(self, timeout: float = 15.0) -> float:
+        """SIGTERM (warm shutdown: running tasks finish), at most ``timeout`` s, then SIGKILL.
 
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    @property
-    def log(self) -> str:
-        return "".join(self._log)
-
-    def kill(self) -> None:
-        """SIGKILL the worker and its pool processes, as a crash would."""
-        _kill_group(self.process, signal.SIGKILL)
-        self.process.wait(10)
-
-
-def _kill_group(process: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(process.pid, sig)
-    except ProcessLookupError:
-        pass
+        Returns the seconds it took. While waiting, the worker's BRPOP in flight is cut short
+        (kombu otherwise waits for it to time out before it can exit).
+        """
+        self.stop_signal = signal.SIGTERM
+        with _Unblocker(self.env.get("REDIS_URL")) as unblock:
+            return self.stop(timeout, while_waiting=unblock)
 
 
 @contextmanager
@@ -206,52 +207,37 @@ def process_worker(
     start_timeout: float = 30.0,
     stop_timeout: float = 15.0,
     env: dict[str, str] | None = None,
+    warm_stop: bool = False,
 ) -> Iterator[WorkerProcess]:
-    """Run ``celery -A <module> worker`` in ``cwd`` (REDIS_URL is inherited)."""
+    """Run ``celery -A <module> worker`` in ``cwd`` (REDIS_URL is inherited).
+
+    At the end it is killed at once (SIGKILL to it and its pool: about 0.05 s), since no
+    check needs to see a shutdown that comes after it; ``warm_stop=True`` (or calling
+    ``worker.stop_warm()`` in the check) gives the real warm shutdown, bounded by ``stop_timeout``.
+    """
     name = _unique_name("process")
     command = [
         sys.executable, "-m", "celery", "-A", module, "worker",
         f"--pool={pool}", f"--concurrency={concurrency}", "--loglevel=INFO", f"--hostname={name}",
         "--without-gossip", "--without-mingle", "--without-heartbeat", *args,
     ]  # fmt: skip
-    full_env = {**os.environ, "PYTHONPATH": str(cwd), "PYTHONUNBUFFERED": "1", **(env or {})}
-    process = subprocess.Popen(
+    worker = WorkerProcess(
         command,
+        name=name,
+        ready=" ready.",
         cwd=cwd,
-        env=full_env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # one process group: stopping it stops the pool processes too
-        preexec_fn=die_with_parent,
+        env={"PYTHONPATH": str(cwd), **(env or {})},
+        start_timeout=start_timeout,
+        stop_signal=signal.SIGKILL,
     )
-    log: deque[str] = deque(maxlen=2000)
-    ready = threading.Event()
-
-    def collect() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            log.append(line)
-            if " ready." in line:
-                ready.set()
-
-    reader = threading.Thread(target=collect, name="labkit-worker-log", daemon=True)
-    reader.start()
-    worker = WorkerProcess(process, log, name)
     try:
-        deadline = time.monotonic() + start_timeout
-        while not ready.wait(0.05):
-            if process.poll() is not None or time.monotonic() > deadline:
-                reason = "exited" if process.poll() is not None else f"was not ready within {start_timeout:.0f} s"
-                tail = "".join(list(log)[-12:])
-                raise WorkerError(f"`celery -A {module} worker` {reason}. Its last lines:\n{tail}")
+        worker.start()
+    except ProcessError as exc:
+        raise WorkerError(str(exc)) from None
+    try:
         yield worker
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)  # warm shutdown: finish the running tasks
-            _wait_unblocking(lambda: process.poll() is not None, full_env.get("REDIS_URL"), stop_timeout)
-        _kill_group(process, signal.SIGKILL)  # whatever is left, pool processes included
-        process.wait(10)
-        reader.join(5)
-        process.stdout.close()
+        if warm_stop:
+            worker.stop_warm(stop_timeout)
+        else:
+            worker.stop()

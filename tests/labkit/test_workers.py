@@ -207,3 +207,22 @@ def test_process_worker_with_a_broken_module_fails_fast(url, tmp_path):
     assert "celery -A broken_tasks worker" in message and "exited" in message, message
     assert "no_such_module_for_labkit" in message, message
     assert took < 15, f"the import error was reported after {took:.1f} s"
+
+
+def test_process_worker_stops_fast_and_a_warm_stop_is_bounded(url, make_app, tmp_path, capsys):
+    """The default stop (a kill: nothing after the check needs a shutdown) takes well under 0.5 s;
+    a warm shutdown lets the running task finish and is bounded by its timeout."""
+    (tmp_path / "probe_tasks.py").write_text(PROBE_MODULE)
+    client = make_app("probe_client")
+    with process_worker("probe_tasks", tmp_path, concurrency=1, start_timeout=30) as worker:
+        assert client.send_task("probe_tasks.add", (1, 1)).get(timeout=WAIT) == 2
+        started = time.monotonic()
+    killed = time.monotonic() - started
+    with process_worker("probe_tasks", tmp_path, concurrency=1, start_timeout=30) as worker:
+        assert client.send_task("probe_tasks.add", (1, 1)).get(timeout=WAIT) == 2
+        warm = worker.stop_warm(timeout=WAIT)
+        assert worker.returncode == 0, f"a warm shutdown should exit 0, got {worker.returncode}:\n{worker.tail()}"
+    with capsys.disabled():
+        print(f"\n  process worker stop: kill {killed:.2f} s, warm shutdown (idle prefork, 1 slot) {warm:.2f} s")
+    assert killed < 0.5, f"the default stop took {killed:.2f} s"
+    assert warm < WAIT, f"the warm stop took {warm:.2f} s"
