@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: grade test watch list hint reset solution gradebook broker notebook clean
+.PHONY: grade check test watch list hint reset solution gradebook broker notebook clean
 
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,8 +37,13 @@ gradebook: $(STAMP)
 	@test -n "$(SUBMISSIONS)" || { echo "Say where: make gradebook SUBMISSIONS=path/to/submissions"; exit 2; }
 	@$(PY) -m labkit gradebook $(SUBMISSIONS) $(ARGS)
 
-## test: the course's own suite (harness, solutions, starter check, notebooks)
+## check: the course's static lint, in a second
+check: $(STAMP)
+	@$(PY) -m labkit check
+
+## test: the course's own suite (the lint, then harness, solutions, starter check, notebooks)
 test: $(STAMP)
+	$(PY) -m labkit check
 	$(PY) -m pytest tests/labkit $(ARGS)
 
 ## broker: run the embedded broker in this terminal until Ctrl-C

@@ -17,7 +17,7 @@ def main(ctx) -> None:
     """Celery Labs: grade your lessons, get hints, run the embedded broker."""
     from labkit.starters import save_starters
 
-    if ctx.invoked_subcommand in ("broker", "gradebook"):
+    if ctx.invoked_subcommand in ("broker", "gradebook", "check"):
         return
     try:
         save_starters()  # before any edit can happen: what `reset` restores later
@@ -186,6 +186,22 @@ def gradebook(submissions, out, tests, student, timeout, memory_mb, course) -> N
     except LookupError as exc:
         raise click.BadParameter(str(exc), param_hint="--student") from None
     click.echo(f"Graded {len(rows)} submission(s): {out / 'gradebook.csv'}, {out / 'gradebook.json'}, {out / 'feedback'}/")
+
+
+@main.command()
+@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=ROOT, hidden=True)
+def check(root: Path) -> None:
+    """The course's static lint (for course authors): TODOs, tags, hints, manifest, notebooks, course map."""
+    from labkit import lint
+
+    problems = lint.problems(root)
+    for problem in problems:
+        click.echo(f"- {problem}")
+    if problems:
+        click.secho(f"Course check: {len(problems)} problem{'s' if len(problems) != 1 else ''} to fix", fg="red", bold=True)
+        sys.exit(1)
+    count = len(load_course(root / "course.toml"))
+    click.echo(f"Course check: {count} lesson{'s' if count != 1 else ''}, no problems")
 
 
 @main.command()

@@ -1,4 +1,4 @@
-"""The course checks itself: layout, manifest, and every lesson graded both ways.
+"""The course checks itself: the lint (labkit/lint.py), and every lesson graded both ways.
 
 For each lesson: every graded check fails on the starter code in lessons/
 (nothing is pre-solved, no check is vacuous) and passes on solutions/, on the
@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from labkit import check
+from labkit import lint
 from labkit.broker import is_reachable
 from labkit.grade import LessonResult, grade_course
 from labkit.manifest import ROOT, load_course
@@ -57,25 +57,10 @@ def summary(result: LessonResult, wanted: str) -> str:
     return "\n".join(filter(None, [result.problem, *lines]))
 
 
-def test_manifest_matches_the_files_on_disk():
-    assert check.manifest_problems() == []
-
-
-def test_exercise_module_names_are_unique():
-    assert check.module_name_problems() == []
-
-
-def test_readme_course_map_matches_the_manifest():
-    assert check.course_map_problems() == []
-
-
-def test_notebooks_are_stored_without_outputs():
-    assert check.notebook_output_problems() == []
-
-
-@pytest.mark.parametrize("lesson", LESSONS, ids=IDS)
-def test_lesson_has_all_its_parts(lesson):
-    assert check.lesson_problems(lesson) == []
+def test_the_course_lint_finds_no_problems():
+    """The static half (`make check`): TODOs, tags, hints, manifest, notebooks, course map."""
+    problems = lint.problems(ROOT)
+    assert problems == [], "make check found:\n" + "\n".join(f"- {problem}" for problem in problems)
 
 
 @pytest.mark.parametrize("lesson", LESSONS, ids=IDS)
