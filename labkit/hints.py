@@ -22,7 +22,7 @@ class Hint:
 
     @property
     def todo(self) -> int | None:
-        match = re.match(r"(\d+)\.", self.heading)
+        match = re.match(r"(?:TODO\s+)?(\d+)[.:)]?", self.heading)  # "1. …", "TODO 1", "TODO 1: …", "1) …"
         return int(match.group(1)) if match else None
 
 
