@@ -39,7 +39,7 @@ BOOK_TARGET = 600.0  # seconds: 20 submissions
 
 
 def run(command: list[str], timeout: float) -> tuple[float, subprocess.CompletedProcess]:
-    env = {k: v for k, v in os.environ.items() if k != "LAB_TARGET"}
+    env = {k: v for k, v in os.environ.items() if k != "LABKIT_TARGET"}
     started = time.perf_counter()
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     return time.perf_counter() - started, done
@@ -75,7 +75,7 @@ def course_of(lessons: list[Lesson], dest: Path) -> Path:
     (dest / "course.toml").write_text(header + "".join("\n[[lessons]]\n" + e for e in kept), encoding="utf-8")
     shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
     for lesson in lessons:
-        shutil.copy2(lesson.test_file(), dest / "tests" / lesson.test_file().name)
+        shutil.copy2(lesson.test_file(ROOT), dest / "tests" / lesson.test_file(ROOT).name)
     assert [lesson.slug for lesson in load_course(dest / "course.toml")] == [lesson.slug for lesson in lessons]
     return dest
 
@@ -88,9 +88,9 @@ def time_gradebook(lessons: list[Lesson], copies: int, tmp: Path) -> dict:
             folder = submissions / f"student{index + 1:02d}" / "lessons" / lesson.slug
             folder.mkdir(parents=True)
             for name in lesson.files:
-                shutil.copy2(lesson.folder("solutions") / name, folder / name)
+                shutil.copy2(lesson.folder("solutions", ROOT) / name, folder / name)
     out = tmp / "gradebook"
-    command = [sys.executable, "-m", "labkit", "gradebook", str(submissions), "--out", str(out), "--course", str(course)]
+    command = [sys.executable, "-m", "labkit", "--course", str(course), "gradebook", str(submissions), "--out", str(out)]
     wall, done = run(command, timeout=7200)
     with (out / "gradebook.csv").open(newline="", encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--lessons", nargs="*", help="lesson numbers or slugs (default: all in course.toml)")
     parser.add_argument("--repeat", type=int, default=1, help="grade runs per lesson; the median is shown (default 1)")
     args = parser.parse_args()
-    course = load_course()
+    course = load_course(ROOT / "course.toml")
     keys = [key for value in args.lessons or [] for key in value.split(",") if key]
     lessons = [find_lesson(key, course) for key in keys] if keys else course
 

@@ -8,26 +8,43 @@ from pathlib import Path
 
 import click
 
-from labkit.manifest import ROOT, TARGETS, find_lesson, load_course
+from dataclasses import replace
+
+from labkit.manifest import TARGETS, find_lesson, load_course
+from labkit.settings import Settings
+
+pass_settings = click.make_pass_decorator(Settings)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--course",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="The course checkout to work on (default: the folder holding course.toml, from here up; or LABKIT_COURSE).",
+)
 @click.pass_context
-def main(ctx) -> None:
+def main(ctx, course: Path | None) -> None:
     """Celery Labs: grade your lessons, get hints, run the embedded broker."""
     from labkit.starters import save_starters
 
+    try:
+        settings = Settings.from_env()
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    ctx.obj = replace(settings, course=course.resolve()) if course else settings
     if ctx.invoked_subcommand in ("broker", "gradebook", "check"):
         return
+    if not (ctx.obj.course / "course.toml").is_file():
+        raise click.UsageError(f"no course.toml in {ctx.obj.course}: run this inside a Celery Labs checkout, or give --course.")
     try:
-        save_starters()  # before any edit can happen: what `reset` restores later
+        save_starters(ctx.obj.course)  # before any edit can happen: what `reset` restores later
     except (OSError, ValueError) as exc:
         click.secho(f"(could not keep a copy of the starter files: {exc})", fg="yellow", err=True)
 
 
-def _lesson(key: str, hint: str = "LESSON"):
+def _lesson(settings: Settings, key: str, hint: str = "LESSON"):
     try:
-        return find_lesson(key)
+        return find_lesson(key, load_course(settings.course / "course.toml"))
     except LookupError as exc:
         raise click.BadParameter(str(exc), param_hint=hint) from None
 
@@ -52,13 +69,13 @@ def broker(port: int) -> None:
 
 @main.command()
 @click.option("--lesson", "-l", "lessons", multiple=True, help="Grade only this lesson (number or slug).")
-@click.option("--target", type=click.Choice(TARGETS), default="lessons", envvar="LAB_TARGET", show_default=True)
-@click.option("--broker", "broker_url", envvar="REDIS_URL", default=None, help="A real Redis URL (default: embedded).")
+@click.option("--target", type=click.Choice(TARGETS), help="What to grade (default: lessons, or LABKIT_TARGET).")
+@click.option("--broker", "broker_url", help="A real Redis URL (default: REDIS_URL, else the embedded broker).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON instead of the table.")
 @click.option("--junit", type=click.Path(dir_okay=False, path_type=Path), help="Also write JUnit XML to this file.")
 @click.option("-v", "--verbose", is_flag=True, help="Show the full output of failing checks.")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=ROOT, hidden=True)
-def grade(lessons, target, broker_url, as_json, junit, verbose, root) -> None:
+@pass_settings
+def grade(settings: Settings, lessons, target, broker_url, as_json, junit, verbose) -> None:
     """Grade the lessons: a table of checks passed, and the next thing to do."""
     from labkit import export
     from labkit.grade import grade_course
@@ -66,11 +83,12 @@ def grade(lessons, target, broker_url, as_json, junit, verbose, root) -> None:
     from labkit.report import print_report
 
     try:
-        results = grade_course(lessons, target=target, broker_url=broker_url, root=root)
+        settings = replace(settings, target=target or settings.target, redis_url=broker_url or settings.redis_url)
+        results = grade_course(settings, lessons)
     except LookupError as exc:
         raise click.BadParameter(str(exc), param_hint="--lesson") from None
-    if target == "lessons" and root == ROOT:
-        Progress().record(results)
+    if settings.target == "lessons":
+        Progress(settings.course).record(results)
     if junit:
         export.write_junit(results, junit)
     if as_json:
@@ -82,24 +100,26 @@ def grade(lessons, target, broker_url, as_json, junit, verbose, root) -> None:
 
 
 @main.command(name="list")
-def list_lessons() -> None:
+@pass_settings
+def list_lessons(settings: Settings) -> None:
     """Every lesson with its status and checks passed (as last graded)."""
     from labkit.progress import Progress
     from labkit.report import print_list
 
-    print_list(load_course(), Progress())
+    print_list(load_course(settings.course / "course.toml"), Progress(settings.course))
 
 
 @main.command()
 @click.argument("lesson")
-def hint(lesson: str) -> None:
+@pass_settings
+def hint(settings: Settings, lesson: str) -> None:
     """Show the next hint of LESSON (a number such as 01), one per call."""
     from labkit.hints import next_hint, read_hints
     from labkit.progress import Progress
 
-    chosen = _lesson(lesson)
-    hints = read_hints(chosen.folder() / "hints.md")
-    progress = Progress()
+    chosen = _lesson(settings, lesson)
+    hints = read_hints(chosen.folder("lessons", settings.course) / "hints.md")
+    progress = Progress(settings.course)
     last = progress.last(chosen.slug) or {}
     index = next_hint(hints, progress.hints_seen(chosen.slug), last.get("next_todo"))
     if index is None:
@@ -114,12 +134,13 @@ def hint(lesson: str) -> None:
 @main.command()
 @click.argument("lesson")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-def reset(lesson: str, yes: bool) -> None:
+@pass_settings
+def reset(settings: Settings, lesson: str, yes: bool) -> None:
     """Put the starter files of LESSON back (your changes to them are lost)."""
     from labkit.starters import changed_files, reset_lesson
 
-    chosen = _lesson(lesson)
-    changed = changed_files(chosen)
+    chosen = _lesson(settings, lesson)
+    changed = changed_files(chosen, settings.course)
     if not changed:
         click.echo(f"Lesson {chosen.number} already has its starter files.")
         return
@@ -128,7 +149,7 @@ def reset(lesson: str, yes: bool) -> None:
         click.echo("Nothing changed.")
         return
     try:
-        restored = reset_lesson(chosen)
+        restored = reset_lesson(chosen, settings.course)
     except FileNotFoundError as exc:
         click.echo(f"Cannot reset lesson {chosen.number}: {exc}")
         sys.exit(1)
@@ -138,13 +159,14 @@ def reset(lesson: str, yes: bool) -> None:
 @main.command()
 @click.argument("lesson")
 @click.option("--force", is_flag=True, help="Show it even though the lesson is not done yet.")
-def solution(lesson: str, force: bool) -> None:
+@pass_settings
+def solution(settings: Settings, lesson: str, force: bool) -> None:
     """Show how your files differ from the reference solution (once the lesson passes)."""
     from labkit.progress import DONE, Progress
     from labkit.report import print_solution_diff
 
-    chosen = _lesson(lesson)
-    if Progress().status(chosen.slug) != DONE:
+    chosen = _lesson(settings, lesson)
+    if Progress(settings.course).status(chosen.slug) != DONE:
         if not force:
             click.echo(
                 f"Lesson {chosen.number} is not done yet (as last graded): finish it first, "
@@ -152,19 +174,19 @@ def solution(lesson: str, force: bool) -> None:
             )
             sys.exit(1)
         click.secho("Showing the solution of a lesson you have not finished: try the hints first next time.", fg="yellow")
-    print_solution_diff(chosen, ROOT)
+    print_solution_diff(chosen, settings.course)
 
 
 @main.command()
 @click.option("--poll", is_flag=True, help="Poll files for changes (for WSL and network drives).")
 @click.option("--manual", is_flag=True, help="Grade only when Enter is pressed.")
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=ROOT, hidden=True)
-def watch(poll: bool, manual: bool, root: Path) -> None:
+@pass_settings
+def watch(settings: Settings, poll: bool, manual: bool) -> None:
     """Grade the current lesson on every save, and move on when it passes."""
     from labkit.watch import run
 
     try:
-        sys.exit(run(root, poll=poll, manual=manual))
+        sys.exit(run(replace(settings, target="lessons"), poll=poll, manual=manual))
     except KeyboardInterrupt:
         sys.exit(1)
 
@@ -176,24 +198,26 @@ def watch(poll: bool, manual: bool, root: Path) -> None:
 @click.option("--student", help="Regrade only this submission and update its rows.")
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds per submission.")
 @click.option("--memory-mb", default=2048, show_default=True, help="Memory cap per process.")
-@click.option("--course", type=click.Path(file_okay=False, path_type=Path), default=ROOT, hidden=True)
-def gradebook(submissions, out, tests, student, timeout, memory_mb, course) -> None:
+@pass_settings
+def gradebook(settings: Settings, submissions, out, tests, student, timeout, memory_mb) -> None:
     """Grade every student checkout (folder or .zip) in SUBMISSIONS; write a gradebook."""
     from labkit import gradebook as book
 
     try:
-        rows = book.run(submissions, out, tests=tests, student=student, limits=book.Limits(timeout, memory_mb), progress=click.echo, course=course)
+        limits = book.Limits(timeout, memory_mb)
+        rows = book.run(submissions, out, settings.course, tests=tests, student=student, limits=limits, progress=click.echo)
     except LookupError as exc:
         raise click.BadParameter(str(exc), param_hint="--student") from None
     click.echo(f"Graded {len(rows)} submission(s): {out / 'gradebook.csv'}, {out / 'gradebook.json'}, {out / 'feedback'}/")
 
 
 @main.command()
-@click.option("--root", type=click.Path(file_okay=False, path_type=Path), default=ROOT, hidden=True)
-def check(root: Path) -> None:
+@pass_settings
+def check(settings: Settings) -> None:
     """The course's static lint (for course authors): TODOs, tags, hints, manifest, notebooks, course map."""
     from labkit import lint
 
+    root = settings.course
     problems = lint.problems(root)
     for problem in problems:
         click.echo(f"- {problem}")

@@ -1,9 +1,10 @@
 """The pytest plugin: options, the broker for the session, lessons and workers.
 
-Options: ``--target lessons|solutions`` (also ``LAB_TARGET``) picks the tree to
+Options: ``--target lessons|solutions`` (also ``LABKIT_TARGET``) picks the tree to
 grade; ``--broker URL`` (also ``REDIS_URL``) picks a real Redis instead of the
 embedded one. On a real Redis the checks use database 15 (``LABKIT_REDIS_DB``)
-and empty it before every check, so a shared server is safe.
+and empty it before every check, so a shared server is safe. The environment
+is read once, by ``labkit.settings``.
 
 A lesson's test file is ``tests/test_<slug>.py``; its checks ask for
 ``exercise("first_task1")`` to load code, and ``thread_worker(app)`` or
@@ -23,8 +24,9 @@ from labkit import workers
 from labkit.broker import broker_process, is_reachable, with_db
 from labkit.loader import Exercise, LessonError, load_exercise
 from labkit.manifest import TARGETS, Lesson, lesson_of_test_file, load_course
+from labkit.settings import Settings
 
-REAL_REDIS_DB = int(os.environ.get("LABKIT_REDIS_DB", "15"))
+SETTINGS = Settings.from_env()  # this grading process's environment, read once
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -32,12 +34,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--target",
         choices=TARGETS,
-        default=os.environ.get("LAB_TARGET", "lessons"),
+        default=SETTINGS.target,
         help="grade the student's lessons/ (default) or the reference solutions/",
     )
     group.addoption(
         "--broker",
-        default=os.environ.get("REDIS_URL") or None,
+        default=SETTINGS.redis_url,
         help="a real Redis URL (default: REDIS_URL, else the embedded broker)",
     )
 
@@ -58,7 +60,7 @@ def broker_url(request: pytest.FixtureRequest) -> str:
     given = request.config.getoption("--broker")
     with ExitStack() as stack:
         if given:
-            url = with_db(given, REAL_REDIS_DB)
+            url = with_db(given, SETTINGS.redis_db)
             if not is_reachable(url):
                 pytest.exit(f"No Redis answers at {given}. Start it, or unset REDIS_URL to use the embedded broker.", 3)
         else:
@@ -112,7 +114,7 @@ def thread_worker():
     with ExitStack() as stack:
 
         def start(app, **options):
-            return stack.enter_context(workers.thread_worker(app, **options))
+            return stack.enter_context(workers.thread_worker(app, **{"loglevel": SETTINGS.worker_loglevel, **options}))
 
         yield start
 

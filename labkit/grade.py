@@ -14,9 +14,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from labkit.manifest import ROOT, Lesson, find_lesson, load_course
-
-RUN_TIMEOUT = float(os.environ.get("LABKIT_GRADE_TIMEOUT", "900"))  # seconds for a whole grading run
+from labkit.manifest import Lesson, find_lesson, load_course
+from labkit.settings import LABKIT_HOME, Settings
 
 
 @dataclass
@@ -70,10 +69,13 @@ def pytest_command(test_files: list[Path], target: str, broker_url: str | None, 
     return command
 
 
-def grade_course(
-    keys: tuple[str, ...] = (), target: str = "lessons", broker_url: str | None = None, root: Path = ROOT
-) -> list[LessonResult]:
-    """Grade the lessons named by ``keys`` (all when empty) in one pytest run."""
+def grade_course(settings: Settings, keys: tuple[str, ...] = ()) -> list[LessonResult]:
+    """Grade the lessons named by ``keys`` (all when empty) in one pytest run.
+
+    What is graded and where come from ``settings``: the course, the target tree,
+    the broker (``redis_url``, else the embedded one) and the run's time limit.
+    """
+    root = settings.course
     course = load_course(root / "course.toml")
     lessons = [find_lesson(key, course) for key in keys] if keys else course
     graded = {lesson.slug: LessonResult(lesson) for lesson in lessons}
@@ -82,8 +84,8 @@ def grade_course(
         results = Path(tmp) / "results.jsonl"
         results.touch()
         test_files = [path for lesson in lessons for path in lesson.test_files(root)]
-        command = pytest_command(test_files, target, broker_url, results, root)
-        problem = _run(command, root, Path(tmp) / "pytest.log")
+        command = pytest_command(test_files, settings.target, settings.redis_url, results, root)
+        problem = _run(command, root, Path(tmp) / "pytest.log", settings.grade_timeout)
         _read(results, by_file)
     for result in graded.values():
         if problem and not result.problem and any(c.status == "not run" for c in result.checks):
@@ -93,17 +95,17 @@ def grade_course(
     return list(graded.values())
 
 
-def _run(command: list[str], root: Path, log: Path) -> str:
+def _run(command: list[str], root: Path, log: Path, timeout: float) -> str:
     """Run pytest; return what went wrong with the run itself ('' when it ended normally).
 
     Its output goes to a file, not to memory: a student's task may print megabytes.
     """
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # labkit itself always comes from this course
+    env = {**os.environ, "PYTHONPATH": str(LABKIT_HOME)}  # grade with this very labkit
     with log.open("wb") as out:
         try:
-            returncode = subprocess.run(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT).returncode
+            returncode = subprocess.run(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
-            return f"the grading run was stopped after {RUN_TIMEOUT:.0f} s"
+            return f"the grading run was stopped after {timeout:.0f} s"
     if returncode in (0, 1):  # all passed / some checks failed
         return ""
     with log.open("rb") as out:

@@ -29,7 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from labkit.manifest import ROOT, Lesson, load_course
+from labkit.manifest import Lesson, load_course
+from labkit.settings import LABKIT_HOME
 
 JOBS = 2  # two at a time on a two-core machine
 
@@ -74,7 +75,7 @@ def _unpack(submission: Submission, into: Path) -> Path:
     return next((c for c in candidates if (c / "lessons").is_dir()), source)
 
 
-def build_workspace(submission: Submission, workspace: Path, tests: Path | None, course: Path = ROOT) -> None:
+def build_workspace(submission: Submission, workspace: Path, tests: Path | None, course: Path) -> None:
     """Course files from the course, exercise files from the student: nothing else."""
     for name in ("course.toml", "pyproject.toml"):
         shutil.copy2(course / name, workspace / name)
@@ -97,7 +98,7 @@ def _limit_memory(megabytes: int):
     return apply
 
 
-def grade_submission(submission: Submission, tests: Path | None, limits: Limits, course: Path = ROOT) -> dict:
+def grade_submission(submission: Submission, tests: Path | None, limits: Limits, course: Path) -> dict:
     """One row of the gradebook: status ok | timeout | error, and the grader's JSON."""
     with tempfile.TemporaryDirectory(prefix=f"labkit-gradebook-{submission.name}-") as tmp:
         workspace = Path(tmp) / "course"
@@ -107,8 +108,9 @@ def grade_submission(submission: Submission, tests: Path | None, limits: Limits,
         except (OSError, ValueError, zipfile.BadZipFile) as exc:
             return {"student": submission.name, "status": "error", "problem": f"could not read the submission: {exc}"}
         output, log = Path(tmp) / "results.json", Path(tmp) / "grade.log"
-        command = [sys.executable, "-m", "labkit", "grade", "--json", "--root", str(workspace)]
-        env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "LAB_TARGET")}  # always the embedded broker
+        command = [sys.executable, "-m", "labkit", "grade", "--json"]
+        env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "LABKIT_TARGET")}  # the embedded broker, lessons/
+        env.update(LABKIT_COURSE=str(workspace), PYTHONPATH=str(LABKIT_HOME))
         with output.open("wb") as out, log.open("wb") as err:
             process = subprocess.Popen(
                 command, cwd=workspace, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
@@ -128,7 +130,7 @@ def grade_submission(submission: Submission, tests: Path | None, limits: Limits,
     return {"student": submission.name, "status": "ok", "problem": "", **graded}
 
 
-def public_check_names(course: Path = ROOT) -> set[str]:
+def public_check_names(course: Path) -> set[str]:
     """Names of the checks in the course's public tests (a parametrized check counts once)."""
     names = set()
     for path in (course / "tests").glob("test_*.py"):
@@ -180,11 +182,11 @@ def write_outputs(rows: list[dict], lessons: list[Lesson], out: Path, public: se
 def run(
     submissions: Path,
     out: Path,
+    course: Path,
     tests: Path | None = None,
     student: str | None = None,
     limits: Limits = Limits(),
     progress=print,
-    course: Path = ROOT,
 ) -> list[dict]:
     chosen = find_submissions(submissions, skip=out)
     if student:

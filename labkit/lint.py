@@ -23,7 +23,7 @@ import tokenize
 import tomllib
 from pathlib import Path
 
-from labkit.manifest import ROOT, Lesson, lesson_of_test_file, load_course
+from labkit.manifest import Lesson, lesson_of_test_file, load_course
 
 FORMAT_VERSION = 1
 TOP_LEVEL_KEYS = ("format_version", "lessons")
@@ -46,7 +46,7 @@ FORBIDDEN_IMPORTS = ("labkit", "pytest")
 UNKNOWN_KEY = "unknown key"  # the one manifest problem the other rules can run past
 
 
-def problems(root: Path = ROOT) -> list[str]:
+def problems(root: Path) -> list[str]:
     """Every rule, on the course at ``root``. A manifest that cannot be read stops the rest."""
     found = manifest_key_problems(root)
     if any(UNKNOWN_KEY not in problem for problem in found):
@@ -71,7 +71,7 @@ def problems(root: Path = ROOT) -> list[str]:
 # --- course.toml -----------------------------------------------------------------------------
 
 
-def manifest_key_problems(root: Path = ROOT) -> list[str]:
+def manifest_key_problems(root: Path) -> list[str]:
     """course.toml read as plain TOML: format_version, and only known keys in each entry."""
     path = root / "course.toml"
     try:
@@ -108,7 +108,7 @@ def manifest_key_problems(root: Path = ROOT) -> list[str]:
     return found
 
 
-def manifest_problems(root: Path = ROOT) -> list[str]:
+def manifest_problems(root: Path) -> list[str]:
     """course.toml against the folders on disk: no stray lesson, test or notebook."""
     lessons = load_course(root / "course.toml")
     found = []
@@ -141,7 +141,7 @@ def manifest_problems(root: Path = ROOT) -> list[str]:
 # --- one lesson ------------------------------------------------------------------------------
 
 
-def lesson_problems(lesson: Lesson, root: Path = ROOT) -> list[str]:
+def lesson_problems(lesson: Lesson, root: Path) -> list[str]:
     """A lesson has all its parts: README, hints, notebook, checks, and each exercise's solution twin."""
     found = []
     folder = lesson.folder("lessons", root)
@@ -167,7 +167,7 @@ def lesson_problems(lesson: Lesson, root: Path = ROOT) -> list[str]:
     return found
 
 
-def exercise_todos(lesson: Lesson, root: Path = ROOT) -> tuple[set[int], list[str]]:
+def exercise_todos(lesson: Lesson, root: Path) -> tuple[set[int], list[str]]:
     """The ``# TODO n:`` numbers of a lesson's exercise files, and what is wrong with them file by file."""
     numbers: set[int] = set()
     found = []
@@ -206,7 +206,7 @@ def comments(source: str) -> list[tuple[int, str]]:
     return [(token.start[0], token.string) for token in tokens if token.type == tokenize.COMMENT]
 
 
-def solution_todo_problems(lesson: Lesson, root: Path = ROOT) -> list[str]:
+def solution_todo_problems(lesson: Lesson, root: Path) -> list[str]:
     """A solution has no TODO left: each became a ``# Why:`` comment, each body is written."""
     found = []
     for name in lesson.files:
@@ -222,7 +222,7 @@ def solution_todo_problems(lesson: Lesson, root: Path = ROOT) -> list[str]:
     return found
 
 
-def todo_problems(lesson: Lesson, root: Path = ROOT) -> list[str]:
+def todo_problems(lesson: Lesson, root: Path) -> list[str]:
     """The exercise's TODO numbers = the checks' task tags = hints.md's sections = the README's tasks."""
     todos, found = exercise_todos(lesson, root)
     if not todos or sorted(todos) != list(range(1, len(todos) + 1)):
@@ -300,7 +300,7 @@ def your_turn_tasks(markdown: str) -> list[int] | None:
     return tasks
 
 
-def import_problems(lesson: Lesson, root: Path = ROOT) -> list[str]:
+def import_problems(lesson: Lesson, root: Path) -> list[str]:
     """Lesson and solution files run without the harness: no labkit (or pytest) import."""
     found = []
     for tree in ("lessons", "solutions"):
@@ -339,7 +339,7 @@ def _parse(path: Path, where: str, found: list[str]) -> ast.Module | None:
 # --- the whole course ------------------------------------------------------------------------
 
 
-def module_name_problems(root: Path = ROOT) -> list[str]:
+def module_name_problems(root: Path) -> list[str]:
     """Exercise modules load under their own names, so no two lessons may share one."""
     seen: dict[str, str] = {}
     found = []
@@ -352,7 +352,7 @@ def module_name_problems(root: Path = ROOT) -> list[str]:
     return found
 
 
-def app_name_problems(root: Path = ROOT) -> list[str]:
+def app_name_problems(root: Path) -> list[str]:
     """``Celery("<module>")`` names the app after its file (Celery names tasks after it), in the
     exercises, the solutions and the notebooks' demo modules."""
     paths = []
@@ -382,7 +382,7 @@ def _called(func: ast.expr) -> str:
     return func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
 
 
-def notebook_output_problems(root: Path = ROOT) -> list[str]:
+def notebook_output_problems(root: Path) -> list[str]:
     found = []
     for path in sorted((root / "notebooks").glob("*.ipynb")):
         try:
@@ -395,7 +395,7 @@ def notebook_output_problems(root: Path = ROOT) -> list[str]:
     return found
 
 
-def course_map_problems(root: Path = ROOT) -> list[str]:
+def course_map_problems(root: Path) -> list[str]:
     """The README's course map has one row per lesson of course.toml, in order, with its title."""
     readme = root / "README.md"
     if not readme.exists():

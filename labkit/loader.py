@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from types import ModuleType
 
-from labkit.manifest import ROOT, Lesson
+from labkit.manifest import Lesson
 
 
 class LessonError(Exception):
@@ -42,7 +42,7 @@ class Exercise:
         return self._module
 
 
-def load_exercise(lesson: Lesson, name: str, target: str = "lessons", root: Path = ROOT) -> Exercise:
+def load_exercise(lesson: Lesson, name: str, target: str, root: Path) -> Exercise:
     """Import ``<target>/<lesson>/<name>.py`` (once per process) and wrap it."""
     folder = lesson.folder(target, root)
     path = folder / f"{name}.py"

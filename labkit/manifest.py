@@ -10,9 +10,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-MANIFEST = ROOT / "course.toml"
-TARGETS = ("lessons", "solutions")
+from labkit.settings import TARGETS  # noqa: F401  (re-exported: the trees a grade can read)
 
 
 @dataclass(frozen=True)
@@ -39,22 +37,23 @@ class Lesson:
     def number(self) -> str:
         return self.slug.split("_", 1)[0]
 
-    def folder(self, target: str = "lessons", root: Path = ROOT) -> Path:
+    def folder(self, target: str, root: Path) -> Path:
         return root / target / self.slug
 
-    def notebook(self, root: Path = ROOT) -> Path:
+    def notebook(self, root: Path) -> Path:
         return root / "notebooks" / f"{self.slug}.ipynb"
 
-    def test_file(self, root: Path = ROOT) -> Path:
+    def test_file(self, root: Path) -> Path:
         return root / "tests" / f"test_{self.slug}.py"
 
-    def test_files(self, root: Path = ROOT) -> list[Path]:
+    def test_files(self, root: Path) -> list[Path]:
         """``test_<slug>.py`` and any ``test_<slug>_*.py`` (e.g. an instructor's hidden checks)."""
         extra = sorted((root / "tests").glob(f"test_{self.slug}_*.py"))
         return [self.test_file(root), *extra]
 
 
-def load_course(path: Path = MANIFEST) -> list[Lesson]:
+def load_course(path: Path) -> list[Lesson]:
+    """The lessons of the manifest at ``path`` (a course's course.toml), in order."""
     data = tomllib.loads(path.read_text(encoding="utf-8"))
     if data.get("format_version") != 1:
         raise ValueError(f"{path}: expected format_version = 1")
@@ -79,9 +78,8 @@ def lesson_of_test_file(stem: str, lessons: list[Lesson]) -> Lesson:
     raise LookupError(f"tests/{stem}.py belongs to no lesson in course.toml")
 
 
-def find_lesson(key: str, lessons: list[Lesson] | None = None) -> Lesson:
+def find_lesson(key: str, lessons: list[Lesson]) -> Lesson:
     """A lesson by number (``"1"``, ``"01"``) or slug (``"01_first_task"``)."""
-    lessons = load_course() if lessons is None else lessons
     for lesson in lessons:
         if key in (lesson.slug, lesson.number) or (key.isdigit() and int(key) == int(lesson.number)):
             return lesson

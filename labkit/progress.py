@@ -12,13 +12,12 @@ import time
 from pathlib import Path
 
 from labkit.grade import LessonResult
-from labkit.manifest import ROOT
 
 NOT_STARTED, IN_PROGRESS, DONE = "not started", "in progress", "done"
 
 
 class Progress:
-    def __init__(self, root: Path = ROOT) -> None:
+    def __init__(self, root: Path) -> None:
         self.path = root / ".labkit" / "progress.json"
         try:
             self.data = json.loads(self.path.read_text(encoding="utf-8"))

@@ -13,14 +13,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from labkit.manifest import ROOT, Lesson, load_course
+from labkit.manifest import Lesson, load_course
 
 
-def snapshot_dir(root: Path = ROOT) -> Path:
+def snapshot_dir(root: Path) -> Path:
     return root / ".labkit" / "starters"
 
 
-def save_starters(root: Path = ROOT) -> None:
+def save_starters(root: Path) -> None:
     """Keep a copy of each exercise file that has none yet (never overwrites one)."""
     for lesson in load_course(root / "course.toml"):
         for name in lesson.files:
@@ -46,7 +46,7 @@ def _committed(lesson: Lesson, name: str, root: Path) -> str | None:
     return shown.stdout if shown.returncode == 0 else None
 
 
-def starter_text(lesson: Lesson, name: str, root: Path = ROOT) -> str | None:
+def starter_text(lesson: Lesson, name: str, root: Path) -> str | None:
     """The starter version of ``lessons/<slug>/<name>``, or None if neither the copy nor git has it."""
     copy = snapshot_dir(root) / lesson.slug / name
     if copy.exists():
@@ -54,7 +54,7 @@ def starter_text(lesson: Lesson, name: str, root: Path = ROOT) -> str | None:
     return _committed(lesson, name, root)
 
 
-def changed_files(lesson: Lesson, root: Path = ROOT) -> list[str]:
+def changed_files(lesson: Lesson, root: Path) -> list[str]:
     """The exercise files of ``lesson`` that differ from their starter version."""
     changed = []
     for name in lesson.files:
@@ -65,7 +65,7 @@ def changed_files(lesson: Lesson, root: Path = ROOT) -> list[str]:
     return changed
 
 
-def reset_lesson(lesson: Lesson, root: Path = ROOT) -> list[str]:
+def reset_lesson(lesson: Lesson, root: Path) -> list[str]:
     """Write the starter files back; returns the files restored."""
     restored = []
     for name in lesson.files:

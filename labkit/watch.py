@@ -19,7 +19,8 @@ from pathlib import Path
 import watchfiles
 
 from labkit.grade import LessonResult, grade_course
-from labkit.manifest import ROOT, Lesson, load_course
+from labkit.manifest import Lesson, load_course
+from labkit.settings import Settings
 from labkit.progress import Progress
 from labkit.report import console, describe_failure
 
@@ -93,7 +94,8 @@ def _python_files(change: watchfiles.Change, path: str) -> bool:
     return path.endswith(".py")
 
 
-def run(root: Path = ROOT, poll: bool = False, manual: bool = False) -> int:
+def run(settings: Settings, poll: bool = False, manual: bool = False) -> int:
+    root = settings.course
     lessons = load_course(root / "course.toml")
     progress = Progress(root)
     keyboard = Keyboard()
@@ -102,7 +104,7 @@ def run(root: Path = ROOT, poll: bool = False, manual: bool = False) -> int:
         lesson = lessons[index]
         before = _stamp(lesson.folder("lessons", root))
         console.print(f"[dim]Grading lesson {lesson.number}…[/]")
-        (result,) = grade_course((lesson.slug,), root=root)
+        (result,) = grade_course(settings, (lesson.slug,))
         progress.record([result])
         show(result, lessons, progress)
         if result.done:

@@ -35,16 +35,13 @@ from celery.worker import state as worker_state
 from labkit.broker import same_redis
 from labkit.procs import ChildProcess, ProcessError
 
-LOGLEVEL = os.environ.get("LABKIT_WORKER_LOGLEVEL", "WARNING")
-
-
 class WorkerError(RuntimeError):
     """A worker could not start or stop; the message says why, in plain words."""
 
 
 def broker_mismatch(app: Celery) -> str:
     """Why ``app`` would not reach the grader's Redis (REDIS_URL), or '' when it would."""
-    expected = os.environ.get("REDIS_URL")
+    expected = os.environ.get("REDIS_URL")  # what the broker fixture gave the lesson code
     actual = app.conf.broker_url
     if not expected or same_redis(actual, expected):
         return ""
@@ -76,20 +73,21 @@ def thread_worker(
     concurrency: int = 1,
     start_timeout: float = 20.0,
     stop_timeout: float = 10.0,
+    loglevel: str = "WARNING",
     **options,
 ) -> Iterator[TestWorkController]:
     """Run a real worker for ``app`` in a thread of this process."""
     problem = broker_mismatch(app)
     if problem:
         raise WorkerError(problem)
-    setup_app_for_worker(app, LOGLEVEL, None)
+    setup_app_for_worker(app, loglevel, None)
     before = set(threading.enumerate())
     worker = _Worker(
         app=app,
         concurrency=concurrency,
         pool=pool,
         hostname=_unique_name("thread"),
-        loglevel=LOGLEVEL,
+        loglevel=loglevel,
         ready_callback=None,
         without_heartbeat=True,
         without_mingle=True,

@@ -2,19 +2,17 @@
 
 The copy holds lesson 01 only, taken from git's HEAD (the working tree when git
 has no copy), so lessons being written right now in the same tree never leak in.
-It also holds a copy of labkit/: run with ``cwd`` and ``PYTHONPATH`` on the copy,
-``python -m labkit`` then has ``labkit.manifest.ROOT`` == the copy, so every
-command (``list``, ``hint``, ``reset``, ``solution`` included) works on the copy
-as a learner's checkout, and nothing it starts (the embedded broker runs
-``python -m labkit broker``, whose CLI group reads ROOT/course.toml) ever reads or
-writes the real repository.
+Commands run with the copy as their current folder: labkit finds the course
+there (the nearest course.toml, from the current folder up), so every command
+(``list``, ``hint``, ``reset``, ``solution`` included) works on the copy as on a
+learner's checkout, and nothing it starts ever reads or writes this repository.
+labkit itself comes from this repository (no copy of it in the course).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from labkit.manifest import ROOT
+from labkit.settings import LABKIT_HOME
+
+ROOT = Path(__file__).resolve().parents[2]  # this repository
 
 SLUG = "01_first_task"
 COURSE_FILES = (
@@ -34,7 +34,7 @@ COURSE_FILES = (
     f"lessons/{SLUG}/README.md",
     f"solutions/{SLUG}/first_task1.py",
 )
-CLEARED_ENV = ("REDIS_URL", "LAB_TARGET", "LABKIT_GRADE_TIMEOUT", "PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST", "COLUMNS")
+CLEARED_ENV = ("REDIS_URL", "LABKIT_TARGET", "LABKIT_COURSE", "LABKIT_GRADE_TIMEOUT", "PYTEST_ADDOPTS", "PYTEST_CURRENT_TEST", "COLUMNS")
 
 
 def _committed(path: str) -> str | None:
@@ -63,13 +63,12 @@ def build_course(dest: Path) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         text = _committed(path)
         target.write_text(text if text is not None else (ROOT / path).read_text(encoding="utf-8"), encoding="utf-8")
-    shutil.copytree(ROOT / "labkit", dest / "labkit", ignore=shutil.ignore_patterns("__pycache__"))
     return dest
 
 
 def labkit_env(course: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in CLEARED_ENV}
-    return {**env, "PYTHONPATH": str(course)}
+    return {**env, "PYTHONPATH": str(LABKIT_HOME)}
 
 
 def run_labkit(course: Path, *args: str, timeout: float = 120, input: str | None = None, env: dict | None = None):
@@ -98,7 +97,7 @@ class Kit:
         course = build_course(dest)
         if course not in self.checked:  # never let a command run on the real repository by mistake
             shown = subprocess.run(
-                [sys.executable, "-c", "import labkit.manifest as m; print(m.ROOT)"],
+                [sys.executable, "-c", "from labkit.settings import Settings; print(Settings.from_env().course)"],
                 cwd=course, env=labkit_env(course), capture_output=True, text=True, timeout=30,
             )  # fmt: skip
             assert Path(shown.stdout.strip()) == course, f"python -m labkit in {course} is not the copy: {shown}"

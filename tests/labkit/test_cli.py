@@ -27,6 +27,7 @@ from labkit.grade import grade_course
 from labkit.hints import next_hint, read_hints
 from labkit.manifest import load_course
 from labkit.progress import DONE, IN_PROGRESS, NOT_STARTED, Progress
+from labkit.settings import Settings
 
 SLUG = "01_first_task"
 EXERCISE = Path("lessons", SLUG, "first_task1.py")
@@ -63,13 +64,13 @@ def graded(tmp_path_factory, kit):
     """Real results of grade_course on the starter, with TODO 1 done, and on the solution."""
     course = kit.build(tmp_path_factory.mktemp("graded") / "course")
     with pytest.MonkeyPatch.context() as patch:
-        for name in ("REDIS_URL", "LAB_TARGET", "PYTEST_ADDOPTS"):
+        for name in ("REDIS_URL", "LABKIT_TARGET", "PYTEST_ADDOPTS"):
             patch.delenv(name, raising=False)
-        starter = grade_course((SLUG,), root=course)
+        starter = grade_course(Settings(course=course), (SLUG,))
         solve_todo_1(course)
-        partial = grade_course((SLUG,), root=course)
+        partial = grade_course(Settings(course=course), (SLUG,))
         solve(course)
-        solved = grade_course((SLUG,), root=course)
+        solved = grade_course(Settings(course=course), (SLUG,))
     return SimpleNamespace(starter=starter, partial=partial, solved=solved)
 
 
@@ -86,7 +87,7 @@ def recorded_console(monkeypatch):
 
 @pytest.mark.parametrize("lesson", [(), ("--lesson", "01"), ("--lesson", "1"), ("-l", SLUG)], ids=["all", "01", "1", "slug"])
 def test_grade_shows_the_table_and_the_next_step_on_the_starter(labkit_cli, course_copy, lesson):
-    run = labkit_cli("grade", "--root", str(course_copy), *lesson)
+    run = labkit_cli("grade", *lesson)
     assert run.returncode == 1, run
     out = flat(run.stdout)
     assert "│ 01 │ Your first task │ 0/12 │ not started │" in out, run.stdout
@@ -100,8 +101,8 @@ def test_grade_shows_the_table_and_the_next_step_on_the_starter(labkit_cli, cour
 def starter_grading(tmp_path_factory, kit):
     """`grade` and `grade -v` on the starter, run once for the tests below."""
     course = kit.build(tmp_path_factory.mktemp("starter") / "course")
-    quiet = kit.run(course, "grade", "--root", str(course))
-    verbose = kit.run(course, "grade", "--root", str(course), "-v")
+    quiet = kit.run(course, "grade")
+    verbose = kit.run(course, "grade", "-v")
     return SimpleNamespace(quiet=quiet, verbose=verbose)
 
 
@@ -139,7 +140,7 @@ def test_grade_verbose_shows_worker_problems_without_the_harness_traceback(start
 
 
 def test_grade_json_on_the_starter_then_on_the_solution(labkit_cli, course_copy):
-    run = labkit_cli("grade", "--root", str(course_copy), "--json")
+    run = labkit_cli("grade", "--json")
     assert run.returncode == 1, run.stderr
     data = json.loads(run.stdout)
     assert (data["points"], data["max_points"]) == (0, TOTAL)
@@ -155,7 +156,7 @@ def test_grade_json_on_the_starter_then_on_the_solution(labkit_cli, course_copy)
     assert "TODO 1" in first["message"]
 
     solve(course_copy)
-    run = labkit_cli("grade", "--root", str(course_copy), "--json")
+    run = labkit_cli("grade", "--json")
     assert run.returncode == 0, run.stderr
     data = json.loads(run.stdout)
     assert (data["points"], data["max_points"]) == (TOTAL, TOTAL)
@@ -164,7 +165,7 @@ def test_grade_json_on_the_starter_then_on_the_solution(labkit_cli, course_copy)
 
 def test_grade_junit_has_a_suite_per_lesson_and_the_failure_messages(labkit_cli, course_copy, tmp_path):
     junit = tmp_path / "results.xml"
-    run = labkit_cli("grade", "--root", str(course_copy), "--json", "--junit", str(junit))
+    run = labkit_cli("grade", "--json", "--junit", str(junit))
     assert run.returncode == 1, run.stderr
     messages = {c["name"]: c["message"] for c in json.loads(run.stdout)["lessons"][0]["checks"]}
     suites = ET.parse(junit).getroot()
@@ -187,7 +188,7 @@ def test_junit_stays_valid_xml_when_a_check_captured_control_characters(labkit_c
     exercise = course_copy / EXERCISE
     exercise.write_text('print("\\x1b[31mlesson 01 starting\\x1b[0m")\n' + exercise.read_text(encoding="utf-8"), encoding="utf-8")
     junit = tmp_path / "results.xml"
-    run = labkit_cli("grade", "--root", str(course_copy), "--junit", str(junit))
+    run = labkit_cli("grade", "--junit", str(junit))
     assert run.returncode == 1
     suite = ET.parse(junit).getroot().find("testsuite")  # raises ParseError today
     assert suite.get("failures") == str(TOTAL)
@@ -203,17 +204,13 @@ def test_an_unknown_lesson_is_a_usage_error_not_a_traceback(labkit_cli, command)
     assert "no lesson '99'" in run.stderr
 
 
-def test_grade_with_root_does_not_need_the_kits_own_manifest(course_copy, kit, tmp_path):
-    """BUG: the CLI group runs save_starters() on labkit's ROOT before every command, so a
-    course.toml being edited there (or none) breaks `grade --root OTHER`, every gradebook
-    workspace, and the embedded broker itself (`python -m labkit broker`). Fix in cli.main:
-    skip it for broker and gradebook, and never let it stop a command (catch OSError and
-    ValueError, which covers tomllib.TOMLDecodeError); better, a hidden group --root."""
-    shutil.rmtree(course_copy / "labkit")  # this course is graded by the kit below
-    home = tmp_path / "kit"
-    shutil.copytree(Path(starters.__file__).parent, home / "labkit", ignore=shutil.ignore_patterns("__pycache__"))
+def test_grade_with_course_ignores_the_course_of_the_current_folder(course_copy, kit, tmp_path):
+    """`--course PATH` grades that checkout, whatever course.toml the current folder holds
+    (here one being edited, broken mid-line): nothing reads it."""
+    home = tmp_path / "elsewhere"
+    home.mkdir()
     (home / "course.toml").write_text('format_version = 1\n[[lessons]\nslug = "02_resu', encoding="utf-8")  # mid-edit
-    run = kit.run(home, "grade", "--root", str(course_copy), "--json", env=kit.env(home))
+    run = kit.run(home, "--course", str(course_copy), "grade", "--json", env=kit.env(home))
     assert "Traceback" not in run.stderr, run.stderr[-1500:]
     assert run.returncode == 1
     assert json.loads(run.stdout)["max_points"] == TOTAL
@@ -226,7 +223,7 @@ def endless_import(tmp_path_factory, kit):
     (course / EXERCISE).write_text("while True:\n    pass\n", encoding="utf-8")
     env = {**kit.env(course), "PYTEST_ADDOPTS": "-o timeout=1"}  # a check's limit: 1 s here, not 60
     started = time.monotonic()
-    run = kit.run(course, "grade", "--root", str(course), "--json", env=env, timeout=90)
+    run = kit.run(course, "grade", "--json", env=env, timeout=90)
     return SimpleNamespace(run=run, took=time.monotonic() - started)
 
 
@@ -437,7 +434,7 @@ class Watch:
     def __init__(self, course: Path, env: dict[str, str], *options: str) -> None:
         env = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}  # one check reads the .pyc
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "labkit", "watch", "--root", str(course), *options], cwd=course, env=env,
+            [sys.executable, "-m", "labkit", "watch", *options], cwd=course, env=env,
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
         )  # fmt: skip
         self.lines: list[tuple[float, str]] = []

@@ -9,11 +9,13 @@ from __future__ import annotations
 import re
 import shlex
 
+from pathlib import Path
+
 import pytest
 import yaml
 
-from labkit.manifest import ROOT
 
+ROOT = Path(__file__).resolve().parents[2]  # this repository
 COMPOSE = ROOT / "docker-compose.yml"
 README = ROOT / "README.md"
 

@@ -13,23 +13,26 @@ mostly wait on workers and timers, so this costs little more than the slowest.
 from __future__ import annotations
 
 import asyncio
-import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from labkit import lint
 from labkit.broker import is_reachable
 from labkit.grade import LessonResult, grade_course
-from labkit.manifest import ROOT, load_course
+from labkit.manifest import load_course
+from labkit.settings import Settings
 
 # The gradings and notebooks below bound their own waits (60 s a check, 120 s a cell);
 # the first check that needs them waits for the whole course, so it gets longer.
 pytestmark = pytest.mark.timeout(900)
 
-LESSONS = load_course()
+ROOT = Path(__file__).resolve().parents[2]  # this repository
+SETTINGS = Settings.from_env()
+LESSONS = load_course(ROOT / "course.toml")
 IDS = [lesson.slug for lesson in LESSONS]
-REAL_REDIS = os.environ.get("LABKIT_REAL_REDIS", "redis://127.0.0.1:6379")
+REAL_REDIS = SETTINGS.real_redis
 
 
 GRADING_CHECKS = (
@@ -48,7 +51,7 @@ def graded(request: pytest.FixtureRequest) -> dict[str, dict[str, LessonResult]]
     if is_reachable(REAL_REDIS):
         legs["real"] = ("solutions", REAL_REDIS)
     with ThreadPoolExecutor(max_workers=len(legs)) as pool:
-        futures = {leg: pool.submit(grade_course, slugs, target, broker) for leg, (target, broker) in legs.items()}
+        futures = {leg: pool.submit(grade_course, Settings(course=ROOT, target=target, redis_url=broker), slugs) for leg, (target, broker) in legs.items()}
         return {leg: {result.lesson.slug: result for result in future.result()} for leg, future in futures.items()}
 
 
@@ -81,7 +84,7 @@ def test_solutions_pass_on_the_embedded_broker(lesson, graded):
 def test_solutions_pass_on_a_real_redis(lesson, graded):
     if "real" not in graded:
         message = f"no Redis answers at {REAL_REDIS} (set LABKIT_REAL_REDIS, or start redis-server)"
-        if os.environ.get("CI") == "true":
+        if SETTINGS.ci:
             pytest.fail(message)
         pytest.skip(message)
     result = graded["real"][lesson.slug]
@@ -116,7 +119,7 @@ def notebook_errors(request: pytest.FixtureRequest) -> dict[str, str]:
     items = request.session.items
     chosen = {i.callspec.params["lesson"] for i in items if getattr(i, "originalname", "") == "test_notebook_runs_top_to_bottom"}
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {lesson.slug: pool.submit(run_notebook, lesson.notebook()) for lesson in chosen}
+        futures = {lesson.slug: pool.submit(run_notebook, lesson.notebook(ROOT)) for lesson in chosen}
         return {slug: future.result() for slug, future in futures.items()}
 
 

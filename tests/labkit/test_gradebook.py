@@ -99,7 +99,7 @@ def book(tmp_path_factory, kit):
     before = fingerprint(subs)
     out = base / "out"
     started = time.monotonic()
-    run = kit.run(course, "gradebook", str(subs), "--out", str(out), "--course", str(course), "--timeout", TIMEOUT, timeout=120)
+    run = kit.run(course, "gradebook", str(subs), "--out", str(out), "--timeout", TIMEOUT, timeout=120)
     took = time.monotonic() - started
     return SimpleNamespace(base=base, course=course, subs=subs, out=out, run=run, took=took, before=before)
 
@@ -173,7 +173,7 @@ def test_regrading_one_student_keeps_the_other_rows(book, kit, tmp_path):
             row["points"] = 999  # a stale row: the regrade must replace it
     (out / "gradebook.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
 
-    run = kit.run(book.course, "gradebook", str(book.subs), "--out", str(out), "--course", str(book.course), "--student", "bob", "--timeout", "60")
+    run = kit.run(book.course, "gradebook", str(book.subs), "--out", str(out), "--student", "bob", "--timeout", "60")
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.splitlines()[0] == "bob: ok, 12/12 points"
     assert "Graded 1 submission(s)" in run.stdout and "alice" not in run.stdout
@@ -190,7 +190,7 @@ def test_regrading_one_student_keeps_the_other_rows(book, kit, tmp_path):
 def test_regrading_an_unknown_student_is_a_usage_error(book, kit, tmp_path):
     """BUG: gradebook.run's LookupError escapes as a traceback. Fix in cli.gradebook:
     catch LookupError and raise click.BadParameter(str(exc), param_hint="--student")."""
-    run = kit.run(book.course, "gradebook", str(book.subs), "--out", str(tmp_path / "out"), "--course", str(book.course), "--student", "zed")
+    run = kit.run(book.course, "gradebook", str(book.subs), "--out", str(tmp_path / "out"), "--student", "zed")
     assert "Traceback" not in run.stderr, run.stderr[-600:]
     assert run.returncode == 2
     assert "no submission named 'zed'" in run.stderr
@@ -205,7 +205,7 @@ def test_hidden_checks_count_in_the_grade_but_are_not_shown(book, kit, tmp_path)
     for student in ("alice", "bob"):
         shutil.copytree(book.subs / student, subs / student)
     out = tmp_path / "out"
-    run = kit.run(book.course, "gradebook", str(subs), "--out", str(out), "--course", str(book.course), "--tests", str(tests), "--timeout", "60")
+    run = kit.run(book.course, "gradebook", str(subs), "--out", str(out), "--tests", str(tests), "--timeout", "60")
     assert run.returncode == 0, run.stderr[-2000:]
 
     assert csv_rows(out)[1:] == [["alice", "ok", "0", "0", "14"], ["bob", "ok", "14", "14", "14"]]

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from labkit import lint
-from labkit.manifest import ROOT
+from labkit.settings import LABKIT_HOME as ROOT  # labkit itself, for PYTHONPATH
 
 MANIFEST = '''\
 format_version = 1
@@ -439,7 +439,7 @@ def test_hints_and_your_turn_accept_todo_headings():
 def run_check(course: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-m", "labkit", "check", "--root", str(course)], cwd=course, env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "labkit", "check"], cwd=course, env=env, capture_output=True, text=True, timeout=60
     )
 
 
