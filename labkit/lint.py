@@ -43,6 +43,7 @@ HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
 NUMBERED = re.compile(r"^(?:(?:TODO|Task)\s+)?(\d+)(?:[.:)]|\s+[-–—]|\s*$)", re.IGNORECASE)
 YOUR_TURN = re.compile(r"^your turn\b", re.IGNORECASE)
 FORBIDDEN_IMPORTS = ("labkit", "pytest")
+LESSON_REFERENCE = re.compile(r"\b[Ll]esson (\d\d)\b")  # "lesson 05", "Lesson 12"
 UNKNOWN_KEY = "unknown key"  # the one manifest problem the other rules can run past
 
 
@@ -65,6 +66,7 @@ def problems(root: Path) -> list[str]:
     found += app_name_problems(root)
     found += notebook_output_problems(root)
     found += course_map_problems(root)
+    found += lesson_reference_problems(root)
     return found
 
 
@@ -453,3 +455,21 @@ def _difference(have, todos: set[int]) -> str:
     if not parts:
         parts.append("out of order")
     return "; ".join(parts)
+
+
+def lesson_reference_problems(root: Path) -> list[str]:
+    """A lesson text, hint or notebook that names "lesson NN" names a lesson that exists."""
+    numbers = {lesson.number for lesson in load_course(root / "course.toml")}
+    texts = [*sorted((root / "lessons").glob("*/*.md")), *sorted((root / "notebooks").glob("*.ipynb")), root / "course.toml"]
+    found = []
+    for path in texts:
+        if not path.is_file():
+            continue
+        missing = sorted(set(LESSON_REFERENCE.findall(path.read_text(encoding="utf-8"))) - numbers)
+        if missing:
+            named = ", ".join(f"lesson {number}" for number in missing)
+            found.append(
+                f"{path.relative_to(root)} points to {named}, which course.toml does not have: "
+                "name the topic instead (\"the workflows lesson\") until that lesson exists"
+            )
+    return found

@@ -398,6 +398,15 @@ BROKEN = [
         "README.md's course map has a row for lesson 02, which course.toml does not list: remove the row or add the lesson",
         id="course-map-extra-row",
     ),
+    # --- texts that point at lessons ---
+    pytest.param(
+        write("lessons/01_x/hints.md", (
+            "## 1. Connect\n\nMore in lesson 07.\n\n## 2. Send it later\n\nA question.\n"
+        )),
+        "lessons/01_x/hints.md points to lesson 07, which course.toml does not have: "
+        'name the topic instead ("the workflows lesson") until that lesson exists',
+        id="a-text-points-to-a-lesson-that-does-not-exist",
+    ),
 ]
 
 
