@@ -2,6 +2,13 @@
 
 Each helper fails *outside* its ``except`` block, so pytest shows our sentence
 alone instead of the student's traceback chained to it.
+
+Waiting for a task: ``result_of`` when the check wants its return value (a failed
+task fails the check), ``final_state`` when the check looks at how it ended
+(``("FAILURE", <the exception>)`` is an answer, not a problem). Both wait the way
+``AsyncResult.get()`` does, on the result's pub/sub channel, which is exact on
+both brokers (bench/results_pubsub.py measures it). Poll the stored state with
+``wait_until`` only for a state on the way (``STARTED``, ``PROGRESS``, ``RETRY``).
 """
 
 from __future__ import annotations
@@ -40,13 +47,19 @@ def call(
     fail(problem)
 
 
+def _need_backend(result: AsyncResult, description: str) -> None:
+    if isinstance(result.backend, DisabledBackend):
+        fail(f"{description}: the app has no result backend, so no result can be read. Give Celery(...) a backend=.")
+    if result.ignored:  # get() would return None at once, and the stored state stays PENDING
+        fail(f"{description}: the task has ignore_result=True, so it stores no result and no final state to wait for.")
+
+
 def result_of(result: AsyncResult, description: str, timeout: float = DEFAULT_TIMEOUT) -> Any:
     """The return value of the task behind ``result``; any problem fails the check in plain words.
 
     ``description`` is how the check started the task, e.g. ``"add.delay(2, 3)"``.
     """
-    if isinstance(result.backend, DisabledBackend):
-        fail(f"{description}: the app has no result backend, so no result can be read. Give Celery(...) a backend=.")
+    _need_backend(result, description)
     try:
         return result.get(timeout=timeout)
     except CeleryTimeoutError:
@@ -58,6 +71,34 @@ def result_of(result: AsyncResult, description: str, timeout: float = DEFAULT_TI
         problem = f"{description} raised NotImplementedError({str(exc)!r}) in the worker: that TODO is still to do."
     except Exception as exc:
         problem = f"{description} failed in the worker with {type(exc).__name__}: {exc}"
+    fail(problem)
+
+
+def final_state(
+    result: AsyncResult,
+    description: str,
+    timeout: float = DEFAULT_TIMEOUT,
+    not_ended: Callable[[str], str] | None = None,
+) -> tuple[str, Any]:
+    """Wait until the task behind ``result`` has ended; return ``(state, value)``.
+
+    ``state`` is ``"SUCCESS"``, ``"FAILURE"`` or ``"REVOKED"``; ``value`` is what the task
+    returned, or the exception it failed with. A task still running after ``timeout`` s
+    fails the check with ``not_ended(state)``, by default "<description> had not ended
+    after <timeout> s: does the task return?"::
+
+        state, value = final_state(send_mail.delay(to), f"send_mail.delay({to!r})")
+        assert state == "FAILURE" and isinstance(value, ValueError), ...
+    """
+    _need_backend(result, description)
+    try:
+        value = result.get(timeout=timeout, propagate=False)
+        return result.state, value  # read after get(): its cached final meta
+    except CeleryTimeoutError:
+        state = result.state
+        problem = not_ended(state) if not_ended else f"{description} had not ended after {timeout:g} s: does the task return?"
+    except Exception as exc:  # not the task's failure (propagate=False): reaching its result failed
+        problem = f"{description}: waiting for its result raised {type(exc).__name__}: {exc}"
     fail(problem)
 
 
