@@ -5,10 +5,18 @@ alone instead of the student's traceback chained to it.
 
 Waiting for a task: ``result_of`` when the check wants its return value (a failed
 task fails the check), ``final_state`` when the check looks at how it ended
-(``("FAILURE", <the exception>)`` is an answer, not a problem). Both wait the way
-``AsyncResult.get()`` does, on the result's pub/sub channel, which is exact on
-both brokers (bench/results_pubsub.py measures it). Poll the stored state with
-``wait_until`` only for a state on the way (``STARTED``, ``PROGRESS``, ``RETRY``).
+(``("FAILURE", <the exception>)`` is an answer, not a problem). Poll the stored state
+with ``wait_until`` only for a state on the way (``STARTED``, ``PROGRESS``, ``RETRY``).
+
+Both wait with ``AsyncResult.get()``, in slices of ``GET_SLICE`` s. ``get()`` subscribes
+to the result's pub/sub channel, reads the stored state once, then waits for a message.
+Its SUBSCRIBE goes out on one connection and is not waited for; its read goes out on
+another. Neither redis-server nor the embedded broker promises to run commands of two
+connections in the order they were sent, so in a rare race the worker's PUBLISH falls
+between the read and the SUBSCRIBE, and that ``get()`` would wait out its whole timeout.
+Each new slice reads the stored state again, so a lost message costs at most one slice.
+(bench/results_pubsub.py measures the race; tests/labkit/test_results_pubsub.py loses
+every message on purpose.)
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.result import AsyncResult
 
 DEFAULT_TIMEOUT = 10.0
+GET_SLICE = 1.0  # seconds: the longest a check waits on a result message that was lost
 
 
 def fail(message: str) -> None:
@@ -54,6 +63,17 @@ def _need_backend(result: AsyncResult, description: str) -> None:
         fail(f"{description}: the task has ignore_result=True, so it stores no result and no final state to wait for.")
 
 
+def _get(result: AsyncResult, timeout: float, propagate: bool) -> Any:
+    """``result.get(timeout=timeout, propagate=propagate)``, as repeated get()s of at most ``GET_SLICE`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return result.get(timeout=min(GET_SLICE, max(0.0, deadline - time.monotonic())), propagate=propagate)
+        except CeleryTimeoutError:
+            if time.monotonic() >= deadline:
+                raise
+
+
 def result_of(result: AsyncResult, description: str, timeout: float = DEFAULT_TIMEOUT) -> Any:
     """The return value of the task behind ``result``; any problem fails the check in plain words.
 
@@ -61,7 +81,7 @@ def result_of(result: AsyncResult, description: str, timeout: float = DEFAULT_TI
     """
     _need_backend(result, description)
     try:
-        return result.get(timeout=timeout)
+        return _get(result, timeout, propagate=True)
     except CeleryTimeoutError:
         problem = (
             f"{description} gave no result within {timeout:g} s (state {result.state}): "
@@ -92,7 +112,7 @@ def final_state(
     """
     _need_backend(result, description)
     try:
-        value = result.get(timeout=timeout, propagate=False)
+        value = _get(result, timeout, propagate=False)
         return result.state, value  # read after get(): its cached final meta
     except CeleryTimeoutError:
         state = result.state
