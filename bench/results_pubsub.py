@@ -24,6 +24,15 @@ by a pub/sub message, or by that one read of the stored meta. Patterns:
     .venv/bin/python bench/results_pubsub.py --leg child --round-trips 5000
     .venv/bin/python bench/results_pubsub.py --leg real --redis-url redis://127.0.0.1:6379 --round-trips 5000
     .venv/bin/python bench/results_pubsub.py --url redis://127.0.0.1:PORT/0   # any running broker
+    .venv/bin/python bench/results_pubsub.py --leg real --redis-url redis://127.0.0.1:6379 --order 3000
+
+``--order N`` measures the cause with raw sockets instead: N times, a SUBSCRIBE is written
+on connection A, then a PUBLISH of that channel on connection B; PUBLISH's reply says
+how many subscribers got it (0: B's command ran first). Measured twice: after the server
+last served A, and after it last served B. The epoll loop of redis-server (and of the
+embedded broker) re-reads the connection it served last first, so "last served B"
+reverses many pairs. Celery's get() is in that case: its read of the stored state
+goes out on the connection it used last, after a SUBSCRIBE on the pub/sub connection.
 
 The real-Redis leg uses database 14; it empties nothing (its queue is its own, its keys expire in 10 minutes).
 """
@@ -176,6 +185,50 @@ def stress(url: str, round_trips: int, patterns=PATTERNS, timeout: float = 5.0, 
     return {"round_trips": round_trips, "seconds": seconds, **counts, "get_ms": get_ms, "misses": misses}
 
 
+def measure_order(url: str, n: int) -> dict:
+    """How often a PUBLISH on connection B overtakes a SUBSCRIBE sent before it on connection A."""
+    import socket
+    import urllib.parse
+
+    def command(*parts: bytes) -> bytes:
+        return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+    address = urllib.parse.urlsplit(url)
+    a, b = (socket.create_connection((address.hostname, address.port or 6379), timeout=10) for _ in range(2))
+    buffers = {a: b"", b: b""}
+
+    def read_until(sock: socket.socket, marker: bytes) -> bytes:
+        while marker not in buffers[sock]:
+            buffers[sock] += sock.recv(65536)
+        head, _, buffers[sock] = buffers[sock].partition(marker)
+        return head
+
+    def served_last(sock: socket.socket, i: int) -> None:  # a PING answered on sock
+        sock.sendall(command(b"PING", b"mark-%d" % i))
+        read_until(sock, b"mark-%d\r\n" % i)
+
+    counts = {}
+    try:
+        for sock in (a, b):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for last in ("A", "B"):
+            overtaken = 0
+            for i in range(n):
+                first, second = (b, a) if last == "A" else (a, b)
+                served_last(first, i)
+                served_last(second, i)
+                channel = b"labkit-order-%s-%d" % (uuid.uuid4().hex.encode(), i)
+                a.sendall(command(b"SUBSCRIBE", channel))
+                b.sendall(command(b"PUBLISH", channel, b"x"))
+                overtaken += read_until(b, b"\r\n").endswith(b":0")
+                a.sendall(command(b"UNSUBSCRIBE", channel))
+            counts[f"last_served_{last}"] = f"{overtaken}/{n} PUBLISHes ran before the SUBSCRIBE sent before them"
+    finally:
+        a.close()
+        b.close()
+    return counts
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--leg", choices=["child", "real"], default="child")
@@ -185,9 +238,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=1, help="client threads sending and waiting at once")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds each get() may wait")
     parser.add_argument("--patterns", default=",".join(PATTERNS))
+    parser.add_argument("--order", type=int, metavar="N", help="measure the ordering of two connections instead")
     args = parser.parse_args(argv)
     with broker_for(args.leg, args.redis_url, args.url) as url:
         shown = args.url or args.leg
+        if args.order:
+            print(json.dumps({"broker": shown, **measure_order(url, args.order)}))
+            return
         print(f"{shown}: {args.round_trips} round trips, {args.clients} client thread(s), patterns {args.patterns}")
         report = stress(url, args.round_trips, tuple(args.patterns.split(",")), args.timeout, args.clients)
     print(json.dumps({"broker": shown, **report}))
