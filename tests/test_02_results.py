@@ -11,7 +11,7 @@ import uuid
 import pytest
 from celery.result import AsyncResult
 
-from labkit.checks import call, fail, result_of, wait_until
+from labkit.checks import call, fail, final_state, result_of, wait_until
 
 MODULE = "results1"
 ITEMS = ["tea", "jam", "bread", "milk"]
@@ -88,13 +88,9 @@ def wait_for(hold, result, description, missed):
 
 
 def finished(result, description):
-    """The task's return value, once the backend says it has ended (polled, at most 10 s).
-
-    Polling the stored state, rather than blocking in get() on Redis pub/sub, also sees
-    results whose pub/sub message was missed (seen rarely on the embedded broker under load).
-    """
-    wait_until(result.ready, 10, f"{description} had not ended after 10 s: does the task return?")
-    return result_of(result, description)  # ready, so this only reads what is stored
+    """The task's return value, once it has ended (at most 10 s); a failed task fails the check."""
+    final_state(result, description, 10)
+    return result_of(result, description)  # ended, so this only reads what arrived
 
 
 def process_items_task(lesson, for_todo=3):
@@ -239,7 +235,7 @@ def test_task_status_gives_the_error_text_on_failure(exercise, thread_worker):
     task = process_items_task(lesson, for_todo=4)
     thread_worker(lesson.app)
     sent = send(task, ["tea", ""])
-    wait_until(sent.ready, 10, "process_items.delay(['tea', '']) had not ended after 10 s: does the task return?")
+    final_state(sent, "process_items.delay(['tea', ''])", 10)
     status = call("task_status(<id of process_items(['tea', ''])>)", lesson.task_status, sent.id)
     error = status.get("error") if isinstance(status, dict) else None
     assert isinstance(error, str) and status.get("state") == "FAILURE" and "cannot process ''" in error, (

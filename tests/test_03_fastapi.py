@@ -9,16 +9,10 @@ REDIS_URL points at a port where nothing listens. Jobs run on a real worker thre
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import gc
 import inspect
 import json
-import re
-import sys
-import threading
 import time
 import uuid
-import warnings
 from contextlib import ExitStack
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
@@ -27,192 +21,33 @@ import httpx
 import pytest
 import redis
 import redis.asyncio
-from celery.exceptions import TimeoutError as CeleryTimeoutError
-from starlette.exceptions import StarletteDeprecationWarning
 
-from labkit.checks import fail, wait_until
+from labkit.checks import fail, final_state, wait_until
 from labkit.manifest import lesson_of_test_file, load_course
-from labkit.web import RunningServer, ServerError, free_port, uvicorn_server
-from labkit.workers import RunawayTask
-
-with warnings.catch_warnings():
-    # Starlette 1.10 prefers the httpx2 package and warns when it gets httpx, which the course pins.
-    warnings.simplefilter("ignore", StarletteDeprecationWarning)
-    from fastapi.testclient import TestClient
+from labkit.web import Servers, Web, app_client, collect_celery_leftovers, free_port, ignore_broker_sockets, json_of
 
 REPORT = {"title": "Fruit", "items": ["apple", "pear", "fig"]}
 REPORT_RESULT = {"title": "Fruit", "count": 3, "lines": ["1. apple", "2. pear", "3. fig"]}
 SLOW_REPORT = {**REPORT, "pause": 0.2}  # about 0.6 s of work, in three steps
 ANSWER_WITHIN = 5.0  # seconds any one request may take
-WAITS = "Does the app wait for something, e.g. a task's result? (In an async def endpoint, one blocking call stalls the whole server.)"
 PROMPT = 2.0  # seconds POST /jobs may take when no worker runs
 POLL_FOR = 10.0  # seconds a client polls GET /jobs/{id}
-EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)(: .*)?$")
 
 
-# --- the two ways to reach the app --------------------------------------------------
-
-
-class Servers:
-    """This file's uvicorn servers of api1:app, all started at once by the first check that needs one.
-
-    Each runs in a thread of its own that lives until ``stop()``: a server is killed when the
-    thread that started it ends (labkit's servers die with their parent).
-    """
-
-    def __init__(self, cwd: Path, envs: dict[str, dict[str, str]]) -> None:
-        self.cwd, self.envs = cwd, envs
-        self.running: dict[str, RunningServer] = {}
-        self.problems: dict[str, str] = {}
-        self.stopping = threading.Event()
-        self.threads: list[threading.Thread] = []
-
-    def _serve(self, name: str, ready: threading.Event) -> None:
-        try:
-            with uvicorn_server("api1:app", self.cwd, env=self.envs[name]) as server:
-                self.running[name] = server
-                ready.set()
-                self.stopping.wait()
-        except ServerError as exc:
-            self.problems[name] = str(exc)
-        finally:
-            ready.set()
-
-    def start(self, name: str) -> RunningServer:
-        if not self.threads:  # in parallel: each takes about a second to import the app
-            events = []
-            for key in self.envs:
-                events.append(threading.Event())
-                self.threads.append(threading.Thread(target=self._serve, args=(key, events[-1]), name=f"labkit-{key}"))
-                self.threads[-1].start()
-            for event in events:
-                event.wait(30)  # uvicorn_server's own start timeout (20 s) ends it before this
-        if name not in self.running:
-            shown = self.cwd.relative_to(self.cwd.parents[1])  # e.g. lessons/03_fastapi
-            fail(f"Started the web server in {shown}: {self.problems.get(name, 'it did not start')}")
-        return self.running[name]
-
-    def stop(self) -> None:
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(15)
-
-
-class Web:
-    """Requests to the app under test. A request that raises or hangs fails the check in one line."""
-
-    def __init__(self, client: httpx.Client, server: RunningServer | None = None, app_file: Path | None = None) -> None:
-        self.client, self.server, self.app_file = client, server, app_file
-
-    def request(self, method: str, path: str, *, slow: str = "", **kwargs) -> httpx.Response:
-        shown = f"{method} {path}" + (f" {json.dumps(kwargs['json'])}" if "json" in kwargs else "")
-        self.log_mark = len(self.server.log) if self.server else 0
-        problem = ""
-        try:
-            if self.server is None:
-                return _within(lambda: self.client.request(method, path, **kwargs), ANSWER_WITHIN, self.app_file)
-            return self.client.request(method, path, **kwargs)
-        except (httpx.TimeoutException, TimeoutError):
-            problem = f"{shown} got no answer within {ANSWER_WITHIN:g} s. {slow or WAITS}"
-        except CeleryTimeoutError:
-            problem = f"{shown} waited for a task's result, and gave up (celery TimeoutError): never wait for the work in a request."
-        except httpx.TransportError as exc:
-            problem = f"{shown}: the connection to the server failed ({type(exc).__name__}: {exc})."
-        except NotImplementedError as exc:
-            problem = f"{shown} raised NotImplementedError({str(exc)!r}) in the app: that TODO is still to do."
-        except Exception as exc:
-            problem = f"{shown} raised {type(exc).__name__} in the app: {exc}"
-        fail(problem)
-
-    def post(self, path: str, **kwargs) -> httpx.Response:
-        return self.request("POST", path, **kwargs)
-
-    def get(self, path: str, **kwargs) -> httpx.Response:
-        return self.request("GET", path, **kwargs)
-
-    def expect(self, response: httpx.Response, status: int, did: str, look: str) -> None:
-        """Fail unless ``response`` has ``status``; for a 5xx from uvicorn, quote the server's error."""
-        if response.status_code != status:
-            fail(f"{did} answered {response.status_code}{self._server_error(response)}, expected {status}. {look}")
-
-    def _server_error(self, response: httpx.Response) -> str:
-        if self.server is None or response.status_code < 500:
-            return ""
-        deadline = time.monotonic() + 1.0  # the traceback may reach the log just after the answer
-        while True:
-            errors = [line for line in self.server.log[self.log_mark :].splitlines() if EXCEPTION_LINE.match(line)]
-            if errors or time.monotonic() > deadline:
-                return f" (the server's log says: {errors[-1]})" if errors else ""
-            time.sleep(0.05)
-
-
-def _within(request, timeout: float, app_file: Path | None):
-    """Run an in-process request in a thread; if it hangs, interrupt the app's code and raise TimeoutError.
-
-    An in-process request has no network timeout: an endpoint that waits forever (a
-    result.get() with no timeout) would hang the grader. Like a runaway task in
-    labkit.workers, it is interrupted with an exception at its next Python line.
-    """
-    box: dict = {}
-
-    def run() -> None:
-        try:
-            box["response"] = request()
-        except BaseException as exc:  # handed to the check below
-            box["error"] = exc
-
-    thread = threading.Thread(target=run, name="labkit-request", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        _interrupt_code_of(app_file)
-        thread.join(5)
-        raise TimeoutError
-    if "error" in box:
-        raise box["error"]
-    return box["response"]
-
-
-def _interrupt_code_of(app_file: Path | None) -> None:
-    for ident, frame in sys._current_frames().items():
-        while frame is not None:
-            if app_file is not None and Path(frame.f_code.co_filename) == app_file:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(RunawayTask))
-                break
-            frame = frame.f_back
-
-
-def _ignore_broker_sockets(broker_url: str) -> None:
-    address = urlsplit(broker_url)
-    warnings.filterwarnings(
-        "ignore", rf"unclosed <socket\.socket .*raddr=\('{re.escape(address.hostname)}', {address.port}\)>", ResourceWarning
-    )
+# --- the two ways to reach the app (labkit.web): in this process, or through uvicorn ----
 
 
 @pytest.fixture(autouse=True)
 def celery_leftovers(broker_url: str):
-    """Ignore the broker connections Celery leaves to the garbage collector.
-
-    Celery keeps a result backend per thread (the app's, the worker's, each of the
-    web app's threads). When such a thread ends, its backend and open connections
-    become garbage in a reference cycle, and the collector may close them later, in
-    another check, with a ResourceWarning that is neither that check's fault nor
-    a bug in the code under test.
-    """
-    _ignore_broker_sockets(broker_url)
+    """Ignore the broker connections Celery leaves to the garbage collector (see labkit.web)."""
+    ignore_broker_sockets(broker_url)
 
 
 @pytest.fixture(scope="module", autouse=True)
-def collect_celery_leftovers(broker_url: str):
+def collect_celery_leftovers_at_the_end(broker_url: str):
     """After this file's checks, collect that garbage here, so it cannot warn in another lesson's."""
     yield
-    deadline = time.monotonic() + 5
-    for thread in threading.enumerate():  # the web app's thread pools end once their TestClient closed
-        if thread.name.startswith("AnyIO worker thread"):
-            thread.join(max(0.0, deadline - time.monotonic()))
-    with warnings.catch_warnings():
-        _ignore_broker_sockets(broker_url)
-        gc.collect()
+    collect_celery_leftovers(broker_url)
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +56,7 @@ def servers(request: pytest.FixtureRequest, broker_url: str, course_root: Path, 
     lesson = lesson_of_test_file(Path(__file__).stem, load_course(course_root / "course.toml"))
     folder = lesson.folder(target, course_root)  # the tree being graded, e.g. a gradebook workspace
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
-    servers = Servers(folder, {"uvicorn": {}, "redis-down": {"REDIS_URL": dead_redis}})
+    servers = Servers("api1:app", folder, {"uvicorn": {}, "redis-down": {"REDIS_URL": dead_redis}})
     try:
         yield servers
     finally:
@@ -237,8 +72,9 @@ def web(request: pytest.FixtureRequest, exercise, servers):
             api = exercise("api1")  # a broken import fails here, with the line that broke
             if request.param != "in-process":
                 server = servers.start(request.param)
-                return Web(stack.enter_context(httpx.Client(base_url=server, timeout=ANSWER_WITHIN)), server)
-            client = TestClient(api.app, raise_server_exceptions=True)
+                client = stack.enter_context(httpx.Client(base_url=server, timeout=ANSWER_WITHIN))
+                return Web(client, server, answer_within=ANSWER_WITHIN)
+            client = app_client(api.app, raise_server_exceptions=True)
             problem = ""
             try:
                 stack.enter_context(client)  # runs the app's lifespan startup (and its end, later)
@@ -246,17 +82,9 @@ def web(request: pytest.FixtureRequest, exercise, servers):
                 problem = f"Starting the app ran its lifespan, which raised {type(exc).__name__}: {exc} (TODO 2)."
             if problem:
                 fail(problem)
-            return Web(client, app_file=Path(api.module.__file__))
+            return Web(client, app_file=Path(api.module.__file__), answer_within=ANSWER_WITHIN)
 
         yield connect
-
-
-def json_of(response: httpx.Response):
-    """The JSON body, or the text when the body is not JSON (shown in failure messages)."""
-    try:
-        return response.json()
-    except ValueError:
-        return response.text
 
 
 def job_id_of(response: httpx.Response, did: str) -> str:
@@ -303,18 +131,16 @@ def test_1_make_report_turns_a_dict_into_a_report(exercise, thread_worker):
         fail("`make_report` in jobs1.py is a plain function, not a Celery task: decorate it with @app.task(...) (TODO 1).")
     thread_worker(jobs.app)
     sent = f"make_report.delay({REPORT})"
-    result = task.delay(REPORT)
-    try:
-        value, problem = result.get(timeout=10), ""
-    except CeleryTimeoutError:
-        problem = f"{sent} gave no result within 10 s (state {result.state}): is make_report registered on jobs1's app?"
-    except Exception as exc:
-        problem = (
-            f"{sent} failed in the worker with {type(exc).__name__}: {exc}. "
+
+    def not_ended(state):
+        return f"{sent} gave no result within 10 s (state {state}): is make_report registered on jobs1's app?"
+
+    state, value = final_state(task.delay(REPORT), sent, 10, not_ended)
+    if state != "SUCCESS":
+        fail(
+            f"{sent} failed in the worker with {type(value).__name__}: {value}. "
             "bind=True gives the task `self`; pydantic=True turns the dict into a ReportRequest (TODO 1)."
         )
-    if problem:
-        fail(problem)
     assert value == REPORT_RESULT, f"{sent} returned {value!r}, expected the Report as a dict: {REPORT_RESULT!r} (TODO 1)."
 
 

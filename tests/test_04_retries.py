@@ -13,10 +13,9 @@ from collections import Counter
 
 import pytest
 from celery.exceptions import MaxRetriesExceededError
-from celery.exceptions import TimeoutError as CeleryTimeoutError
 from celery.signals import task_prerun
 
-from labkit.checks import call, fail, wait_until
+from labkit.checks import call, fail, final_state, wait_until
 from labkit.smtp import SMTPServer
 
 MODULE = "retries1"
@@ -61,16 +60,15 @@ def runs():
 
 def finish(result, description, timeout=WAIT):
     """Wait until the task ends; return (state, value), the value being the exception of a failure."""
-    try:
-        value, ended = result.get(timeout=timeout, propagate=False), True
-    except CeleryTimeoutError:
-        value, ended = None, False
-    if not ended:
-        fail(
-            f"{description} had not ended after {timeout:g} s (state {result.state}). With "
+
+    def not_ended(state):
+        return (
+            f"{description} had not ended after {timeout:g} s (state {state}). With "
             f"MAIL_RETRY_BACKOFF={os.environ.get('MAIL_RETRY_BACKOFF')} every retry should come within a few "
             "seconds: is the countdown backoff_delay(...) of MAIL_RETRY_BACKOFF (TODO 4)?"
         )
+
+    state, value = final_state(result, description, timeout, not_ended)
     if isinstance(value, NotImplementedError):
         fail(f"{description} failed in the worker with NotImplementedError({str(value)!r}): that TODO is still to do.")
     if isinstance(value, ConnectionRefusedError):
@@ -78,7 +76,7 @@ def finish(result, description, timeout=WAIT):
             f"{description} could not reach the test SMTP server ({value}): "
             "does deliver() read SMTP_HOST and SMTP_PORT when it runs (TODO 1)?"
         )
-    return result.state, value
+    return state, value
 
 
 def send(lesson, thread_worker, to=TO):
