@@ -9,10 +9,11 @@ replies wait on Nagle's algorithm (about 90 ms a task). This front end keeps
 connections open on errors, sets ``TCP_NODELAY``, and works like redis-server:
 
 - one event-loop thread reads every connection and runs their commands one at
-  a time, in the order they arrive. Commands from different connections are
-  never reordered (Celery subscribes to a result's channel on one connection
-  before the worker publishes the result on another: the subscription must
-  come first);
+  a time: each connection's commands in order and, like redis-server, commands
+  of two connections that arrive together in the order epoll reports them. (So
+  a result's PUBLISH can overtake a SUBSCRIBE sent just before it on another
+  connection, on redis-server too: ``labkit.checks.result_of`` waits in slices
+  that re-read the stored state, and bench/results_pubsub.py measures it);
 - a blocking command (``BRPOP`` and friends) runs on a thread of its own
   client, so the loop goes on serving the others meanwhile;
 - replies, and pushed pub/sub messages, are sent the moment they exist;
