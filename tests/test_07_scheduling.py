@@ -121,13 +121,15 @@ def schedule_of(lesson, entry):
     return maybe_schedule(copy.copy(entry.get("schedule")), app=lesson.app)
 
 
-def fire_times(sched, start, hours, step=60):
+def fire_times(lesson, schedule, start, hours, step=60):
     """Play beat forward on a fake clock: when would it send this schedule between start and start+hours?
 
     Beat asks ``is_due(last_run_at)`` over and over; a new entry's last run is the moment beat started.
+    The schedule is a copy (a number and a timedelta become an interval), tied to the lesson's app:
+    its timezone decides what 07:00 means.
     """
     clock = [start]
-    sched = copy.copy(sched)
+    sched = maybe_schedule(copy.copy(schedule), app=lesson.app)
     sched.nowfun = lambda: clock[0]
     fired, last, now, end = [], start, start, start + timedelta(hours=hours)
     while now < end:
@@ -242,7 +244,7 @@ def test_schedule_sends_the_digest_once_a_day_at_seven_utc(exercise):
     lesson = exercise(MODULE)
     name, entry = one_entry(lesson, lesson.send_digest.name)
     sched = schedule_of(lesson, entry)
-    fired = fire_times(sched, MONDAY, hours=32)
+    fired = fire_times(lesson, entry.get("schedule"), MONDAY, hours=32)
     shown = ", ".join(f"{t:%a %H:%M}" for t in fired[:4]) + (", …" if len(fired) > 4 else "")
     seen = f"Played beat forward from Mon 00:00 to Tue 08:00 UTC: {name!r} ({entry.get('schedule')!r}) fired {len(fired)} times"
     if isinstance(sched, crontab) and len(fired) == 120:
