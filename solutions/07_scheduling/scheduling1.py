@@ -96,9 +96,10 @@ def build_report():
             return f"slot {slot} skipped: another report is still running"
         try:
             # Why: two beats, or a message delivered twice, send the same tick twice. The first
-            # copy claims the slot; the claim lives as long as a slot, so a copy that comes later
-            # in the slot is refused too, and then it expires, so claims do not pile up.
-            if not client.set(f"report-slot:{slot}", 1, nx=True, px=int(every * 1000)):
+            # copy claims the slot, and any later copy of that slot is refused. The claim lives two
+            # slots: a copy that read the clock just before the slot ended, and was slow to get
+            # here, still finds it. Then it expires, so claims do not pile up in Redis.
+            if not client.set(f"report-slot:{slot}", 1, nx=True, px=int(2 * every * 1000)):
                 return f"slot {slot} was done already"
             write_report(client, slot)
         finally:
