@@ -37,7 +37,7 @@ MONDAY = datetime(2026, 1, 5, 0, 0, 30, tzinfo=timezone.utc)  # the fake clock s
 
 # HARNESS-CANDIDATE: move to labkit (a `beat_process` fixture beside process_worker).
 @contextmanager
-def beat_processes(module, cwd, schedule_dir, count=1, env=None, meanwhile=None, start_timeout=30.0):
+def beat_processes(module, cwd, schedule_dir, count=1, env=None, meanwhile=None, loglevel="INFO", start_timeout=30.0):
     """Run ``count`` real ``celery -A module beat`` commands side by side; yield them once all have started.
 
     Each keeps its schedule file (``-s``) in ``schedule_dir``, never in the lesson folder.
@@ -48,7 +48,7 @@ def beat_processes(module, cwd, schedule_dir, count=1, env=None, meanwhile=None,
     try:
         for number in range(1, count + 1):
             command = [
-                sys.executable, "-m", "celery", "-A", module, "beat", "--loglevel=INFO",
+                sys.executable, "-m", "celery", "-A", module, "beat", f"--loglevel={loglevel}",
                 f"--schedule={schedule_dir / f'celerybeat-schedule-{number}'}",
             ]  # fmt: skip
             beat = ChildProcess(
@@ -70,6 +70,23 @@ def beat_processes(module, cwd, schedule_dir, count=1, env=None, meanwhile=None,
     finally:
         for beat in beats:
             beat.stop()
+
+
+def require_every_second(beat, task):
+    """Fail at once unless beat (at DEBUG) listed ``task`` on a one-second interval as it started.
+
+    Beat prints its schedule as it starts, e.g. ``<ScheduleEntry: report scheduling1.build_report() <freq: 1.00 second>``.
+    """
+    entry = wait_until(
+        lambda: next((line for line in beat.log.splitlines() if "<ScheduleEntry" in line and f" {task.name}(" in line), None),
+        5,
+        f"`{beat.shown}` did not list an entry for {task.name} as it started (TODO 1).",
+    )
+    if "<freq: 1.00 second>" not in entry:
+        fail(
+            f"`celery beat` started with REPORT_EVERY=1 read the entry {entry.strip()!r}; expected every second: "
+            "does the schedule read setting('REPORT_EVERY', 3600) (TODO 1)?"
+        )
 
 
 def sends(beat, task):
@@ -288,15 +305,19 @@ def test_beat_process_sends_the_report_every_second(exercise, thread_worker, run
     monkeypatch.setenv("REPORT_EVERY", "1")  # the worker thread reads it too
     started = runs.started
     start_worker = lambda: thread_worker(lesson.app)  # noqa: E731
-    with beat_processes(MODULE, lesson_folder, tmp_path, env={"REPORT_EVERY": "1"}, meanwhile=start_worker) as (beat,):
+    beat_says = "`celery -A scheduling1 beat` with REPORT_EVERY=1"
+    with beat_processes(
+        MODULE, lesson_folder, tmp_path, env={"REPORT_EVERY": "1"}, meanwhile=start_worker, loglevel="DEBUG"
+    ) as (beat,):
+        require_every_second(beat, task)
         deadline = time.monotonic() + BEAT_WAIT
         while started[task.name] < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         sent, ran = sends(beat, task.name), started[task.name]
     if sent < 2:
         fail(
-            f"A real `celery -A {MODULE} beat` with REPORT_EVERY=1 sent build_report {sent} time(s) in {BEAT_WAIT:g} s, "
-            "expected one a second: does the schedule read setting('REPORT_EVERY', 3600) (TODO 1)?"
+            f"{beat_says} sent build_report {sent} time(s) in {BEAT_WAIT:g} s, expected one a second. "
+            f"Its last lines:\n{beat.tail(4)}"
         )
     assert ran >= 2, (
         f"`celery beat` with REPORT_EVERY=1 sent build_report {sent} times, but the worker ran it {ran} time(s): "
@@ -575,7 +596,9 @@ def test_two_beats_write_one_report_per_tick(exercise, redis_client, thread_work
     for name, value in env.items():
         monkeypatch.setenv(name, value)  # the worker thread reads them when a report runs
     start_worker = lambda: thread_worker(lesson.app)  # noqa: E731
-    with beat_processes(MODULE, lesson_folder, tmp_path, count=2, env=env, meanwhile=start_worker) as beats:
+    with beat_processes(MODULE, lesson_folder, tmp_path, count=2, env=env, meanwhile=start_worker, loglevel="DEBUG") as beats:
+        for beat in beats:
+            require_every_second(beat, task)
         # Once one beat has sent twice and the other once, some one-second slot has had a copy from each.
         wait_until(
             lambda: max(counts := [sends(beat, task.name) for beat in beats]) >= 2 and min(counts) >= 1,

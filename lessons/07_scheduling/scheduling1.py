@@ -39,6 +39,7 @@ def setting(name, default):
 #         send_digest once a day at 07:00 UTC: app.conf.beat_schedule, or add_periodic_task.
 app.conf.beat_schedule = {}
 
+
 @app.task
 def send_digest():
     with redis.Redis.from_url(REDIS_URL) as client:
@@ -77,6 +78,6 @@ def build_report():
     with redis.Redis.from_url(REDIS_URL) as client:
         # TODO 4: hold the lock LOCK_KEY, for lock_expiry(every, REPORT_LONGEST_RUN (600)) s,
         #         around the rest. Taken already? Skip this tick. Release it only if it is yours.
-        # TODO 5: claim this slot until the slot is over. Claimed already? Skip: it was done.
+        # TODO 5: claim this slot, for longer than a slot lasts. Claimed already? Skip: it was done.
         write_report(client, slot)
     return f"report {slot}"
