@@ -131,6 +131,17 @@ def process_worker(lesson: Lesson, target: str, course_root: Path, broker_url: s
         yield start
 
 
+@pytest.fixture
+def beat_processes(lesson: Lesson, target: str, course_root: Path, broker_url: str, tmp_path: Path):
+    """``with beat_processes("scheduling1", count=2, env={...}) as beats:`` runs real ``celery beat``
+    commands in the lesson's folder, their schedule files in the check's temporary folder."""
+
+    def start(module: str, **options):
+        return workers.beat_processes(module, lesson.folder(target, course_root), tmp_path, **options)
+
+    return start
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Worker problems are the student's to read: show the message, not our traceback."""

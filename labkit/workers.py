@@ -239,3 +239,48 @@ def process_worker(
             worker.stop_warm(stop_timeout)
         else:
             worker.stop()
+
+
+@contextmanager
+def beat_processes(
+    module: str,
+    cwd: Path,
+    schedule_dir: Path,
+    count: int = 1,
+    env: dict[str, str] | None = None,
+    meanwhile: Callable[[], object] | None = None,
+    loglevel: str = "INFO",
+    start_timeout: float = 30.0,
+) -> Iterator[list[ChildProcess]]:
+    """Run ``count`` real ``celery -A <module> beat`` commands side by side; yield them once all have started.
+
+    Each keeps its schedule file (``-s``) in ``schedule_dir``, never in the lesson folder.
+    They start together (a beat takes 1-2 s to start); ``meanwhile()`` runs while they boot
+    (e.g. starting a worker). They are killed at the end: nothing needs to see their shutdown.
+    """
+    beats: list[ChildProcess] = []
+    try:
+        for number in range(1, count + 1):
+            command = [
+                sys.executable, "-m", "celery", "-A", module, "beat", f"--loglevel={loglevel}",
+                f"--schedule={schedule_dir / f'celerybeat-schedule-{number}'}",
+            ]  # fmt: skip
+            beat = ChildProcess(
+                command, name=f"beat-{number}", cwd=cwd, env={"PYTHONPATH": str(cwd), **(env or {})},
+                stop_signal=signal.SIGKILL,
+            )  # fmt: skip
+            beats.append(beat.start())  # no readiness test: returns at once, waited for below, all together
+        if meanwhile is not None:
+            meanwhile()
+        deadline = time.monotonic() + start_timeout
+        for beat in beats:
+            while "beat: Starting..." not in beat.log:
+                if not beat.alive:
+                    raise WorkerError(f"`{beat.shown}` exited (code {beat.returncode}) before it started. Its last lines:\n{beat.tail(6)}")
+                if time.monotonic() > deadline:
+                    raise WorkerError(f"`{beat.shown}` had not started after {start_timeout:g} s. Its last lines:\n{beat.tail(6)}")
+                time.sleep(0.02)
+        yield beats
+    finally:
+        for beat in beats:
+            beat.stop()

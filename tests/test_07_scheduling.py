@@ -11,12 +11,9 @@ Redis from outside while it waits.
 import copy
 import json
 import math
-import signal
-import sys
 import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -24,7 +21,6 @@ from celery.schedules import crontab, maybe_schedule
 from celery.signals import task_failure, task_postrun, task_prerun
 
 from labkit.checks import call, fail, wait_until
-from labkit.procs import ChildProcess
 
 MODULE = "scheduling1"
 HOLD_LIMIT = 10.0  # the longest a held report waits, even if nothing releases it
@@ -33,43 +29,6 @@ MONDAY = datetime(2026, 1, 5, 0, 0, 30, tzinfo=timezone.utc)  # the fake clock s
 
 
 # --- helpers ---------------------------------------------------------------------------------
-
-
-# HARNESS-CANDIDATE: move to labkit (a `beat_process` fixture beside process_worker).
-@contextmanager
-def beat_processes(module, cwd, schedule_dir, count=1, env=None, meanwhile=None, loglevel="INFO", start_timeout=30.0):
-    """Run ``count`` real ``celery -A module beat`` commands side by side; yield them once all have started.
-
-    Each keeps its schedule file (``-s``) in ``schedule_dir``, never in the lesson folder.
-    They start together (a beat takes 1-2 s to start), ``meanwhile()`` runs while they boot
-    (e.g. starting a worker), and they are killed at the end: nothing needs to see their shutdown.
-    """
-    beats = []
-    try:
-        for number in range(1, count + 1):
-            command = [
-                sys.executable, "-m", "celery", "-A", module, "beat", f"--loglevel={loglevel}",
-                f"--schedule={schedule_dir / f'celerybeat-schedule-{number}'}",
-            ]  # fmt: skip
-            beat = ChildProcess(
-                command, name=f"beat-{number}", cwd=cwd, env={"PYTHONPATH": str(cwd), **(env or {})},
-                stop_signal=signal.SIGKILL,
-            )  # fmt: skip
-            beats.append(beat.start())  # ready=None: returns at once, readiness is awaited below
-        if meanwhile is not None:
-            meanwhile()
-        deadline = time.monotonic() + start_timeout
-        for beat in beats:
-            while "beat: Starting..." not in beat.log:
-                if not beat.alive:
-                    fail(f"`{beat.shown}` exited (code {beat.returncode}) before it started. Its last lines:\n{beat.tail(6)}")
-                if time.monotonic() > deadline:
-                    fail(f"`{beat.shown}` had not started after {start_timeout:g} s. Its last lines:\n{beat.tail(6)}")
-                time.sleep(0.02)
-        yield beats
-    finally:
-        for beat in beats:
-            beat.stop()
 
 
 def require_every_second(beat, task):
@@ -92,11 +51,6 @@ def require_every_second(beat, task):
 def sends(beat, task):
     """How many times beat's log says it sent ``task``."""
     return sum(1 for line in beat.log.splitlines() if "Sending due task" in line and f"({task})" in line)
-
-
-@pytest.fixture
-def lesson_folder(lesson, target, course_root):
-    return lesson.folder(target, course_root)
 
 
 class Runs:
@@ -298,7 +252,7 @@ def test_schedule_sends_the_digest_once_a_day_at_seven_utc(exercise):
 
 
 @pytest.mark.task(1)
-def test_beat_process_sends_the_report_every_second(exercise, thread_worker, runs, lesson_folder, tmp_path, monkeypatch):
+def test_beat_process_sends_the_report_every_second(exercise, thread_worker, runs, beat_processes, monkeypatch):
     lesson = exercise(MODULE)
     task = report_task(lesson)
     one_entry(lesson, task.name)  # no entry: fail now, not after watching beat for 10 s
@@ -306,9 +260,7 @@ def test_beat_process_sends_the_report_every_second(exercise, thread_worker, run
     started = runs.started
     start_worker = lambda: thread_worker(lesson.app)  # noqa: E731
     beat_says = "`celery -A scheduling1 beat` with REPORT_EVERY=1"
-    with beat_processes(
-        MODULE, lesson_folder, tmp_path, env={"REPORT_EVERY": "1"}, meanwhile=start_worker, loglevel="DEBUG"
-    ) as (beat,):
+    with beat_processes(MODULE, env={"REPORT_EVERY": "1"}, meanwhile=start_worker, loglevel="DEBUG") as (beat,):
         require_every_second(beat, task)
         deadline = time.monotonic() + BEAT_WAIT
         while started[task.name] < 2 and time.monotonic() < deadline:
@@ -586,7 +538,7 @@ def test_copies_of_one_tick_write_one_report(exercise, redis_client, thread_work
 
 
 @pytest.mark.task(5)
-def test_two_beats_write_one_report_per_tick(exercise, redis_client, thread_worker, runs, lesson_folder, tmp_path, monkeypatch):
+def test_two_beats_write_one_report_per_tick(exercise, redis_client, thread_worker, runs, beat_processes, monkeypatch):
     lesson = exercise(MODULE)
     task = report_task(lesson)
     entries = entries_for(lesson, task.name)
@@ -596,7 +548,7 @@ def test_two_beats_write_one_report_per_tick(exercise, redis_client, thread_work
     for name, value in env.items():
         monkeypatch.setenv(name, value)  # the worker thread reads them when a report runs
     start_worker = lambda: thread_worker(lesson.app)  # noqa: E731
-    with beat_processes(MODULE, lesson_folder, tmp_path, count=2, env=env, meanwhile=start_worker, loglevel="DEBUG") as beats:
+    with beat_processes(MODULE, count=2, env=env, meanwhile=start_worker, loglevel="DEBUG") as beats:
         for beat in beats:
             require_every_second(beat, task)
         # Once one beat has sent twice and the other once, some one-second slot has had a copy from each.
