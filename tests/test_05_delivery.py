@@ -238,8 +238,8 @@ def test_charge_order_charges_a_resent_order_once(exercise, thread_worker, redis
         per_delivery = [key for key in keys if first.id in key or again.id in key]
         if per_delivery:
             fail(
-                f"Sent charge_order('order-7', 1999) twice; the provider charged it {counts['order-7']} times. Your keys "
-                f"{per_delivery} hold the task id: each delay() gets a new one, so a resend never finds the first "
+                f"Sent charge_order('order-7', 1999) twice; the provider charged it {counts['order-7']} times. "
+                f"Your keys {per_delivery} hold the task id: each delay() gets a new one, so a resend never finds the first "
                 "key. Name the key after the order (TODO 2)."
             )
         found = f"the keys {keys} were written" if keys else "no key besides Celery's was written to Redis"
@@ -265,7 +265,8 @@ def slow_reads_in_tasks(monkeypatch):
     Two copies of a task that read first ("is it charged?") and write afterwards then both
     read before either writes. One atomic command (SET NX, HSETNX, a Lua script) is unaffected.
     """
-    reads = {"GET", "MGET", "EXISTS", "HGET", "HMGET", "HGETALL", "HEXISTS", "SISMEMBER", "SMEMBERS", "LRANGE", "LPOS", "ZSCORE", "TTL"}
+    reads = {"GET", "MGET", "EXISTS", "HGET", "HMGET", "HGETALL", "HEXISTS", "SISMEMBER", "SMEMBERS"}
+    reads |= {"LRANGE", "LPOS", "ZSCORE", "TTL"}
     original = redis.Redis.execute_command
 
     def execute_command(self, *args, **options):
@@ -278,7 +279,9 @@ def slow_reads_in_tasks(monkeypatch):
 
 
 @pytest.mark.task(3)
-def test_charge_order_charges_once_when_two_copies_run_at_once(exercise, thread_worker, redis_client, slow_reads_in_tasks):
+def test_charge_order_charges_once_when_two_copies_run_at_once(
+    exercise, thread_worker, redis_client, slow_reads_in_tasks
+):
     lesson = exercise(MODULE)
     thread_worker(lesson.app, pool="threads", concurrency=2)
     order = "order-5"
@@ -289,7 +292,9 @@ def test_charge_order_charges_once_when_two_copies_run_at_once(exercise, thread_
     sent = f"Sent charge_order({order!r}, {AMOUNT}) twice at once to a worker with two threads"
     keys = idempotency_keys(redis_client)
     if charged > 1 and not keys:
-        fail(f"{sent}; the provider charged it {charged} times, and no key besides Celery's was written: claim one (TODO 3).")
+        fail(
+            f"{sent}; the provider charged it {charged} times, and no key besides Celery's was written: claim one (TODO 3)."
+        )
     if charged > 1 and any(copy.id in key for copy in copies for key in keys):
         fail(
             f"{sent}; the provider charged it {charged} times. Your keys {keys} hold the task id, which differs "
@@ -335,7 +340,8 @@ def test_killed_worker_task_is_redelivered_and_charged_once(exercise, process_wo
         "before charging (TODO 3)."
     )
     try:
-        wait_until(result.ready, WAIT, f"{description}: the second run had not ended after {WAIT:g} s (state {result.state}).")
+        ended = f"{description}: the second run had not ended after {WAIT:g} s (state {result.state})."
+        wait_until(result.ready, WAIT, ended)
     finally:
         kill_at_end(second)  # nothing left to finish: no need for a warm shutdown
     fail_if_broken(result, f"{description}, run again by the second worker,", own_errors=True)
@@ -362,7 +368,10 @@ def test_idempotency_key_outlives_a_redelivery(exercise, thread_worker, redis_cl
     ttls = {key: redis_client.ttl(key) for key in keys}
     forever = [key for key, ttl in ttls.items() if ttl == -1]
     if forever:
-        todo = "Set KEY_TTL (TODO 4)" if lesson.KEY_TTL is None else "Pass KEY_TTL as the key's expiry when you claim it (TODO 3)"
+        if lesson.KEY_TTL is None:
+            todo = "Set KEY_TTL (TODO 4)"
+        else:
+            todo = "Pass KEY_TTL as the key's expiry when you claim it (TODO 3)"
         fail(
             f"Ran charge_order({order!r}, {AMOUNT}); the key(s) {forever} never expire: Redis would keep one per "
             f"order forever, in memory (KEY_TTL is {lesson.KEY_TTL!r}). {todo}."
