@@ -12,8 +12,6 @@ which the lesson's app reads from the environment.
 """
 
 import json
-import os
-import signal
 import threading
 import time
 from collections import Counter
@@ -65,48 +63,6 @@ def message_in_redis(redis_client, task_id):
 def receipts(worker, task_id):
     """How many times the worker's log says it received the task's message."""
     return sum(f"[{task_id}] received" in line for line in worker.log.splitlines())
-
-
-def pool_processes(pid):  # HARNESS-CANDIDATE: move to labkit (a WorkerProcess.pool_pids property)
-    """The pids of the pool processes (children) of the worker process `pid`, from /proc."""
-    children = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            if parent == pid:
-                children.append(int(entry))
-    return children
-
-
-def process_state(pid):
-    """The one-letter state of process `pid` in /proc ('S', 'R', 'Z' for a zombie...), or '' once reaped."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return ""
-
-
-def kill_pool_process(worker_pid, pool_pid):  # HARNESS-CANDIDATE: move to labkit (WorkerProcess.kill_pool_process)
-    """SIGKILL one pool process while the worker process lives on, and have the worker notice at once.
-
-    Billiard looks at a pool process's exit status as soon as its pipe closes, which is often a
-    moment before the kernel has it as a zombie; it then sees the death only at its next pool
-    check, 5 s later. Pausing the worker (SIGSTOP) until the killed process is a zombie keeps the
-    check fast; the worker handles the loss exactly as it would have 5 s later.
-    """
-    os.kill(worker_pid, signal.SIGSTOP)
-    try:
-        os.kill(pool_pid, signal.SIGKILL)
-        deadline = time.monotonic() + 5
-        while process_state(pool_pid) not in ("Z", "X", "") and time.monotonic() < deadline:
-            time.sleep(0.005)
-    finally:
-        os.kill(worker_pid, signal.SIGCONT)
 
 
 def ended_with(result):
@@ -188,10 +144,10 @@ def test_lost_pool_process_gives_its_task_back(exercise, process_worker, redis_c
     result = lesson.charge_order.delay(order, AMOUNT)
     try:
         wait_charging(result, redis_client, order, description)
-        pool = pool_processes(worker.pid)
+        pool = worker.pool_pids
         if len(pool) != 1:
             fail(f"Expected the worker (pid {worker.pid}, --concurrency=1) to have one pool process, found {pool}.")
-        kill_pool_process(worker.pid, pool[0])  # it dies (say, out of memory); the worker lives on
+        worker.kill_pool_process(pool[0])  # it dies (say, out of memory); the worker lives on
 
         def outcome():
             if receipts(worker, result.id) >= 2:
