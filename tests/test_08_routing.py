@@ -21,6 +21,10 @@ from labkit import workers
 from labkit.checks import fail, result_of, wait_until
 from labkit.fixtures import SETTINGS
 
+# queue= (or priority=) on a task's decorator still works in Celery 5.7 but warns that it goes away in 6.0:
+# the lesson allows it, so its warning must not fail a check.
+pytestmark = pytest.mark.filterwarnings(r"ignore:\s*The '\w+' task attribute is deprecated:DeprecationWarning")
+
 MODULE = "routing1"
 TO = "ada@example.com"
 SEP = "\x06\x16"  # kombu's separator in the Redis list of a priority: "emails\x06\x163"
@@ -102,12 +106,18 @@ def send(description, task, *args, kwargs=None, **options):
     fail(problem)
 
 
-def finish(result, description, timeout):
+def finish(result, description, timeout, redis_client=None):
     """(state, value) once the task has ended; the value of a failure is its exception."""
     try:
         value = result.get(timeout=timeout, propagate=False)
     except CeleryTimeoutError:
-        fail(f"{description} had not ended after {timeout:g} s (state {result.state}).")
+        waiting = queue_lengths(redis_client) if redis_client is not None else {}
+        where = (
+            f"; the broker still holds {shown(waiting)}, and the report worker takes 'reports' and the default queue"
+            if any(waiting.values())
+            else ""
+        )
+        fail(f"{description} had not ended after {timeout:g} s (state {result.state}){where}.")
     return result.state, value
 
 
@@ -159,11 +169,13 @@ def time_limits(lesson):
 
 
 def refuse_a_pool_without_time_limits(lesson):
+    """Fail when the app picks a pool that ignores time limits: `--pool=prefork` does not override it."""
     pool = str(lesson.app.conf.worker_pool or "prefork")
     if pool.rsplit(".", 1)[-1].lower() in ("solo", "threads", "thread", "solopool", "taskpool"):
         fail(
             f"app.conf.worker_pool is {pool!r}: time limits do nothing on the solo and threads pools (no error, no "
-            "log line: the task runs on). The report worker must run prefork, the default: remove that setting (TODO 3)."
+            "log line: the task runs on), and even `celery worker --pool=prefork` keeps that setting. The report "
+            "worker must run prefork, the default: remove worker_pool (TODO 3)."
         )
 
 
@@ -344,6 +356,7 @@ def test_report_worker_cleans_up_at_the_soft_limit_and_outlives_the_hard_one(
     exercise, process_worker, redis_client, tmp_path
 ):
     lesson = exercise(MODULE)
+    refuse_a_pool_without_time_limits(lesson)
     worker = report_worker(lesson, process_worker, stuck_pages=tmp_path)
 
     # 1. A slow report: the soft limit strikes after about 5 pages, and the cleanup must run.
@@ -352,14 +365,19 @@ def test_report_worker_cleans_up_at_the_soft_limit_and_outlives_the_hard_one(
         "(100 pages of 0.1 s) on a prefork worker"
     )
     result = send(description, lesson.build_report, "slow", kwargs={"pages": 100}, soft_time_limit=SOFT, time_limit=ROOMY_HARD)
-    state, value = finish(result, description, ROOMY_HARD + 5)
+    state, value = finish(result, description, ROOMY_HARD + 5, redis_client)
     pages, status, left = report_state(redis_client, "slow")
     if isinstance(value, NotImplementedError):
         fail(f"{description} failed with NotImplementedError({str(value)!r}): that TODO is still to do.")
-    if state == "SUCCESS":
+    if state == "SUCCESS" and status == "timed out":
         fail(
             f"{description} ended SUCCESS ({value!r}) although the soft limit struck; {left}. After the cleanup, "
             "re-raise the SoftTimeLimitExceeded, so that the task fails and the caller knows (TODO 4)."
+        )
+    if state == "SUCCESS":
+        fail(
+            f"{description} ended SUCCESS ({value!r}) although the soft limit struck; {left}: the "
+            "SoftTimeLimitExceeded was swallowed. Catch it to call discard_partial(report_id), then re-raise it (TODO 4)."
         )
     if type(value).__name__ == "TimeLimitExceeded":
         fail(
