@@ -19,7 +19,6 @@ from celery.utils.time import rate
 
 from labkit import workers
 from labkit.checks import fail, result_of, wait_until
-from labkit.fixtures import SETTINGS
 
 # queue= (or priority=) on a task's decorator still works in Celery 5.7 but warns that it goes away in 6.0:
 # the lesson allows it, so its warning must not fail a check.
@@ -71,7 +70,8 @@ def shown(lengths):
     return ", ".join(f"{count} in {queue!r}" for queue, count in sorted(waiting.items())) or "no queue at all"
 
 
-# HARNESS-CANDIDATE: move to labkit (a thread worker that consumes chosen queues, then leaves the app as it was).
+# HARNESS-CANDIDATE: move to labkit, as an option of the thread_worker fixture (which cannot stop one worker
+# before the check ends, nor undo the queue selection; it would also pass LABKIT_WORKER_LOGLEVEL on).
 @contextmanager
 def queue_worker(app, queues):
     """``with queue_worker(app, ["emails"]):`` a worker thread that consumes only those queues, like -Q.
@@ -83,7 +83,7 @@ def queue_worker(app, queues):
     chosen = app.amqp.queues
     saved = chosen._consume_from
     try:
-        with workers.thread_worker(app, queues=list(queues), loglevel=SETTINGS.worker_loglevel) as worker:
+        with workers.thread_worker(app, queues=list(queues)) as worker:
             yield worker
     finally:
         chosen._consume_from = saved
@@ -287,7 +287,7 @@ def test_email_rate_limit_spaces_the_sends(exercise, redis_client):
         )
     if lesson.app.conf.worker_disable_rate_limits:
         fail("app.conf.worker_disable_rate_limits is set, so workers ignore every rate limit: remove it (TODO 2).")
-    count = max(3, min(9, round(speed) + 1))
+    count = max(3, min(9, round(speed * 0.6) + 1))  # about 0.6 s of sending
     description = f"{count} send_email.delay(...) calls sent at once"
     expected = (count - 1) / speed
     with queue_worker(lesson.app, [lesson.app.conf.task_default_queue, "emails"]):
