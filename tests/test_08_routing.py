@@ -303,9 +303,11 @@ def test_email_rate_limit_spaces_the_sends(exercise, redis_client):
     if len(times) != count:
         fail(f"{description}; the Redis list {lesson.OUTBOX!r} holds {len(times)} entries, expected {count}.")
     span = times[-1] - times[0]
-    gaps = ", ".join(f"{later - earlier:.2f}" for earlier, later in zip(times, times[1:]))
-    assert span >= 0.75 * expected, (
-        f"{description}; they ran {gaps} s apart ({span:.2f} s from first to last), expected about {1 / speed:.2f} s "
+    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    typical = sorted(gaps)[len(gaps) // 2]  # the median gap: one late start on a busy machine does not move it
+    shown_gaps = ", ".join(f"{gap:.2f}" for gap in gaps)
+    assert span >= 0.75 * expected or typical >= 0.6 / speed, (
+        f"{description}; they ran {shown_gaps} s apart ({span:.2f} s from first to last), expected about {1 / speed:.2f} s "
         f"apart ({expected:.2f} s in all) for rate_limit {limit!r} on one worker (TODO 2)."
     )
 
