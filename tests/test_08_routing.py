@@ -366,7 +366,9 @@ def test_report_worker_cleans_up_at_the_soft_limit_and_outlives_the_hard_one(
         f"build_report.apply_async(('slow',), {{'pages': 100}}, soft_time_limit={SOFT:g}, time_limit={ROOMY_HARD:g}) "
         "(100 pages of 0.1 s) on a prefork worker"
     )
-    result = send(description, lesson.build_report, "slow", kwargs={"pages": 100}, soft_time_limit=SOFT, time_limit=ROOMY_HARD)
+    result = send(
+        description, lesson.build_report, "slow", kwargs={"pages": 100}, soft_time_limit=SOFT, time_limit=ROOMY_HARD
+    )
     state, value = finish(result, description, ROOMY_HARD + 5, redis_client)
     pages, status, left = report_state(redis_client, "slow")
     if isinstance(value, NotImplementedError):
@@ -408,7 +410,9 @@ def test_report_worker_cleans_up_at_the_soft_limit_and_outlives_the_hard_one(
 
     # 3. The worker goes on, and a report that finishes in time is left alone.
     after = "build_report.apply_async(('april',), {'pages': 3}), sent next to the same worker"
-    result = send(after, lesson.build_report, "april", kwargs={"pages": 3}, soft_time_limit=SOFT * 4, time_limit=ROOMY_HARD)
+    result = send(
+        after, lesson.build_report, "april", kwargs={"pages": 3}, soft_time_limit=SOFT * 4, time_limit=ROOMY_HARD
+    )
     state, value = finish(result, after, 10)
     pages, status, left = report_state(redis_client, "april")
     assert state == "SUCCESS" and worker.alive and (pages, status) == (3, "done"), (

@@ -79,7 +79,10 @@ def discard_partial(report_id):
 # before its cleanup can run.
 @app.task(acks_late=True, soft_time_limit=120, time_limit=150)
 def build_report(report_id, pages=20):
-    """Render `pages` pages into the Redis list report:<id>:pages, then mark the report "done"."""
+    """Render `pages` pages into the Redis list report:<id>:pages, then mark the report "done".
+
+    acks_late=True: the message stays unacknowledged until the report ends (README, "Long tasks").
+    """
     with redis_client() as client:
         try:
             client.set(f"report:{report_id}:status", "rendering")
