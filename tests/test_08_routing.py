@@ -33,8 +33,8 @@ QUOTA_PER_MINUTE, EMAIL_WORKERS, EMAIL_CONCURRENCY = 600, 2, 4
 SLOWEST_REPORT, CLEANUP, REPORT_CAP = 90, 20, 300  # seconds
 
 # The limits the checks send reports with: short, so that a check takes seconds.
-SOFT, ROOMY_HARD = 0.5, 6.0  # the soft limit strikes after about 5 pages of 0.1 s
-STUCK_HARD = 1.0  # the hard limit of a report whose page is stuck
+SOFT, ROOMY_HARD = 0.3, 6.0  # the soft limit strikes after about 3 pages of 0.1 s
+STUCK_HARD = 0.6  # the hard limit of a report whose page is stuck
 
 
 def per_second(limit):
@@ -409,14 +409,14 @@ def test_report_worker_cleans_up_at_the_soft_limit_and_outlives_the_hard_one(
         fail(f"The worker itself exited after the hard limit killed a task; its last lines:\n{worker.tail()}")
 
     # 3. The worker goes on, and a report that finishes in time is left alone.
-    after = "build_report.apply_async(('april',), {'pages': 3}), sent next to the same worker"
+    after = "build_report.apply_async(('april',), {'pages': 2}), sent next to the same worker"
     result = send(
-        after, lesson.build_report, "april", kwargs={"pages": 3}, soft_time_limit=SOFT * 4, time_limit=ROOMY_HARD
+        after, lesson.build_report, "april", kwargs={"pages": 2}, soft_time_limit=ROOMY_HARD - 1, time_limit=ROOMY_HARD
     )
     state, value = finish(result, after, 10)
     pages, status, left = report_state(redis_client, "april")
-    assert state == "SUCCESS" and worker.alive and (pages, status) == (3, "done"), (
+    assert state == "SUCCESS" and worker.alive and (pages, status) == (2, "done"), (
         f"{after} ended {state} with {value!r} (the worker process alive: {worker.alive}); {left}. Expected SUCCESS, "
-        "3 pages and 'done': the pool replaces a killed process and goes on, and the cleanup runs only when the "
+        "2 pages and 'done': the pool replaces a killed process and goes on, and the cleanup runs only when the "
         "soft limit strikes (TODO 4)."
     )
