@@ -1,0 +1,98 @@
+"""Lesson 08: routing, priorities and limits.
+
+Usage (five terminals, all in this folder; the lesson README explains each)::
+
+    python -m labkit broker                          # 1. prints a REDIS_URL
+    export REDIS_URL=redis://127.0.0.1:PORT/0        # 2.-4. in each terminal, then one worker per queue:
+    celery -A routing1 worker -Q celery -n default@%h --loglevel=INFO
+    celery -A routing1 worker -Q emails -n emails@%h --loglevel=INFO
+    celery -A routing1 worker -Q reports -n reports@%h --prefetch-multiplier=1 --loglevel=INFO
+    python                                           # 5. export REDIS_URL here too, then
+    >>> from routing1 import send_email, build_report
+    >>> send_email.delay("ada@example.com").get(timeout=10)
+    'sent to ada@example.com'
+    >>> build_report.delay("march", pages=5).get(timeout=10)
+    'report march: 5 pages'
+"""
+
+import json
+import os
+import time
+
+import redis
+from celery import Celery
+from celery.exceptions import SoftTimeLimitExceeded
+
+# Where Redis listens. The grader and `python -m labkit broker` tell you this URL.
+REDIS_URL = os.environ.get("REDIS_URL", "redis://localhost:6379/0")
+OUTBOX = "outbox"  # a Redis list: one JSON entry per e-mail handed to the mail provider
+PAGE_SECONDS = 0.1  # how long rendering one page of a report takes here (simulated)
+
+app = Celery("routing1", broker=REDIS_URL, backend=REDIS_URL)
+
+# Why: a burst of e-mails must never wait behind a two-minute report, and each kind of work
+# gets workers of its own (-Q emails, -Q reports). Celery names tasks "<module>.<function>":
+# a route under any other name is ignored without a word, and the task lands on "celery".
+app.conf.task_routes = {
+    "routing1.send_email": {"queue": "emails"},
+    "routing1.build_report": {"queue": "reports"},
+}
+
+
+def redis_client():
+    return redis.Redis.from_url(REDIS_URL)
+
+
+# Why: the provider takes 600 e-mails a minute for the whole account, and rate_limit holds
+# per worker instance (not per pool process, not for the cluster). Two e-mail workers run,
+# so each may send 300 a minute: one e-mail every 0.2 s. A third worker would need 200/m.
+@app.task(rate_limit="300/m")
+def send_email(to):
+    """Hand one e-mail to the provider (here: a JSON entry in the Redis list OUTBOX, with the time)."""
+    with redis_client() as client:
+        client.rpush(OUTBOX, json.dumps({"to": to, "at": time.time()}))
+    return f"sent to {to}"
+
+
+@app.task
+def make_thumbnail(image_id):
+    """Everything else: small, quick tasks that stay on the default queue."""
+    return f"thumbnail of {image_id}"
+
+
+def render_page(report_id, page):
+    """Render one page (simulated: it takes PAGE_SECONDS)."""
+    time.sleep(PAGE_SECONDS)
+    return f"{report_id} page {page + 1}"
+
+
+def discard_partial(report_id):
+    """The cleanup of a report that ran out of time: drop its pages, mark it "timed out"."""
+    with redis_client() as client:
+        client.delete(f"report:{report_id}:pages")
+        client.set(f"report:{report_id}:status", "timed out")
+
+
+# Why: the slowest healthy report takes 90 s, so a soft limit of 120 s never cuts one short.
+# The cleanup needs up to 20 s, so the hard limit comes 30 s later, at 150 s: well inside the
+# 5 minutes a report may hold a worker. A hard limit at or below the soft one kills the task
+# before its cleanup can run.
+@app.task(acks_late=True, soft_time_limit=120, time_limit=150)
+def build_report(report_id, pages=20):
+    """Render `pages` pages into the Redis list report:<id>:pages, then mark the report "done".
+
+    acks_late=True: the message stays unacknowledged until the report ends (README, "Long tasks").
+    """
+    with redis_client() as client:
+        try:
+            client.set(f"report:{report_id}:status", "rendering")
+            for page in range(pages):
+                client.rpush(f"report:{report_id}:pages", render_page(report_id, page))
+        except SoftTimeLimitExceeded:
+            # Why: the soft limit raises inside the task, at whatever line it is running, so
+            # this is the one moment to undo the half-built report. `raise` then keeps the
+            # task FAILED: the caller, the logs and any retry all see that it timed out.
+            discard_partial(report_id)
+            raise
+        client.set(f"report:{report_id}:status", "done")
+    return f"report {report_id}: {pages} pages"
