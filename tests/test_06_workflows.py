@@ -12,7 +12,6 @@ One check runs a real `celery worker` process: the thread worker lets a `.get()`
 task pass (Celery's test worker turns that guard off), a real worker refuses it.
 """
 
-import gc
 import json
 import logging
 import re
@@ -93,17 +92,31 @@ class PriceService:
 
 # HARNESS-CANDIDATE: move to labkit (thread_worker's teardown, before its gc.collect()).
 @pytest.fixture(autouse=True)
-def forget_pending_results():
+def forget_pending_results(exercise, monkeypatch):
     """Stop waiting for results nobody will read, while the broker is still up.
 
     Under the thread worker, each task sent in this process subscribes to its result: the
-    chord's members and body too, sent by the worker's threads, each thread with its own
-    result backend object. Those waiters stay in the backends until the session ends, after
-    the broker has stopped, and each of them then retries its unsubscribe for 20 s.
+    chord's members and body too, sent by the worker's threads, and each thread has a result
+    backend object of its own (app.backend is per thread). Their waiters would stay until the
+    session ends, after the broker has stopped, and each would then retry its unsubscribe
+    for 20 s. So the check notes every backend the app creates, and empties them at the end.
     """
+    try:
+        app = exercise(MODULE).app
+    except BaseException:  # noqa: BLE001 - a module that does not load fails the check itself
+        yield
+        return
+    backends, create = [app.backend], app._get_backend
+
+    def noted():
+        backends.append(create())
+        return backends[-1]
+
+    monkeypatch.setattr(app, "_get_backend", noted)
     yield
-    gc.collect()
-    for backend in [o for o in gc.get_objects() if isinstance(o, AsyncBackendMixin)]:
+    for backend in backends:
+        if not isinstance(backend, AsyncBackendMixin):
+            continue
         waiting = [waiters for mapping in backend._pending_results for waiters in list(mapping.values())]
         for result in [result for waiters in waiting for result in list(waiters.values())]:
             try:
