@@ -81,7 +81,8 @@ def _start(task_id=None, **_):
 
 @task_postrun.connect
 def _end(task_id=None, task=None, args=None, kwargs=None, state=None, **_):
-    slot = f"pid {os.getpid()}" if threading.current_thread() is threading.main_thread() else threading.current_thread().name
+    thread = threading.current_thread()
+    slot = f"pid {os.getpid()}" if thread is threading.main_thread() else thread.name  # prefork: a process
     if task.name == "celery.starmap":  # a chunk: the calls it made, one after another
         label = ", ".join(str(call[0]) for call in kwargs["it"])
     elif args and isinstance(args[0], list):  # a chord's body: the results it got

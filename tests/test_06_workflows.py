@@ -251,11 +251,9 @@ def check_report(report, expected, description, todo="TODO 3"):
 def report_of(result, description, timeout=WAIT, todo="TODO 3"):
     """The workflow's (or task's) return value; a failure or a hang fails the check in plain words."""
     hang = " is every step in the workflow, and does the AsyncResult belong to its last step, summarize?"
-    wait_until(
-        result.ready,
-        timeout,
-        f"{description} had not ended after {timeout:g} s (state {result.state}):{hang if todo == 'TODO 3' else ''} ({todo})",
-    )
+    hang = hang if todo == "TODO 3" else ""
+    ended = f"{description} had not ended after {timeout:g} s (state {result.state}):{hang} ({todo})"
+    wait_until(result.ready, timeout, ended)
     try:
         return result.get(timeout=1)
     except Exception as exc:
@@ -317,7 +315,7 @@ def test_error_callback_marks_the_report_failed(exercise, thread_worker, service
         fail(f"{description} raised {type(exc).__name__}: {exc} (TODO 2).")
     wait_until(fetched.ready, WAIT, f"{description} had not ended after {WAIT:g} s (state {fetched.state}).")
     if fetched.state == "SUCCESS":
-        fail(f"{description} returned {fetched.result!r}: fetch must raise for an item with no price, as given. Was it changed?")
+        fail(f"{description} returned {fetched.result!r}: the given fetch raises for an unknown item. Was it changed?")
 
     def failed_or_broken():
         status = stored_status(redis_client, "r3")
@@ -333,15 +331,16 @@ def test_error_callback_marks_the_report_failed(exercise, thread_worker, service
                 "logged no error. Did report_failed run at all (TODO 2)?"
             )
         if "NotImplementedError" in logged[0]:
-            fail(f"{description}: Celery called report_failed, which raised NotImplementedError: TODO 2 is still to do.")
+            fail(f"{description}: Celery called report_failed; it raised NotImplementedError: TODO 2 is still to do.")
         fail(
             f"{description}: fetch failed and Celery went to call report_failed. {logged[0][:300]}. Celery calls "
             "an error callback as report_failed(request, exc, traceback), then the arguments of its signature (TODO 2)."
         )
     error = str(status.get("error", ""))
     assert "plum" in error, (
-        f"{description}: report:r3 holds {status!r}; expected an 'error' text that names the problem "
-        "(the LookupError about plum): Celery hands the error callback the exception (TODO 2)."
+        f"{description}: report:r3 holds {status!r}; expected an 'error' text that names the problem (the "
+        "LookupError about plum). Celery hands the exception to a callback declared (request, exc, traceback, ...); "
+        "one declared (task_id, ...) gets only the failed task's id (TODO 2)."
     )
 
 
@@ -388,7 +387,8 @@ def test_report_keeps_the_order_of_the_items(exercise, thread_worker, service):
     if fake.gave_up or finished != ITEMS[::-1]:
         fail(f"{description}: the fetches did not run side by side, so this check cannot test the order: TODO 3 first.")
     lines = report.get("lines") if isinstance(report, dict) else report
-    order = [line[0] for line in lines] if isinstance(lines, list) and all(isinstance(x, list) for x in lines) else lines
+    listed = isinstance(lines, list) and all(isinstance(line, list) and line for line in lines)
+    order = [line[0] for line in lines] if listed else lines
     assert order == ITEMS, (
         f"{description}: the fetches finished in the order {finished}; the report lists {order}, expected the "
         f"order asked for, {ITEMS}. A chord hands its body the results in the order of its header, whatever "
@@ -487,7 +487,8 @@ def test_failed_item_marks_the_report_failed(exercise, thread_worker, service, r
 
     def settled():
         status = stored_status(redis_client, "r9")
-        return (isinstance(status, dict) and status.get("status") != "running" and status) or error_log.about("report_failed")
+        moved_on = isinstance(status, dict) and status.get("status") != "running"
+        return moved_on or error_log.about("report_failed")
 
     poll(settled, 5)
     status = stored_status(redis_client, "r9")
