@@ -89,6 +89,19 @@ def is_blocking(fields: list[bytes]) -> bool:
     return name in (b"XREAD", b"XREADGROUP") and any(f.upper() == b"BLOCK" for f in fields[1:])
 
 
+WRONGPASS = "WRONGPASS invalid username-password pair or user is disabled."  # redis-server's text
+
+
+def _credentials(fields: list[bytes]) -> tuple[bytes, bytes] | None:
+    """(user, password) of an ``AUTH`` or ``HELLO … AUTH`` command, else None."""
+    name = fields[0].upper() if fields else b""
+    if name == b"AUTH" and len(fields) in (2, 3):
+        return (b"default", fields[1]) if len(fields) == 2 else (fields[1], fields[2])
+    if name == b"HELLO" and len(fields) >= 5 and fields[2].upper() == b"AUTH":
+        return fields[3], fields[4]
+    return None
+
+
 class _Replies:
     """Stands in for the fake socket's reply queue: each reply is sent at once.
 
@@ -125,6 +138,7 @@ class _Client:
 
     def __init__(self, server: EmbeddedBroker, sock: socket.socket, address: Any) -> None:
         self.server = server
+        self.authenticated = server.credentials is None  # no password: every client may talk
         self.sock = sock
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.sock.setblocking(False)
@@ -138,12 +152,15 @@ class _Client:
         )
         self.fake = self.connection.get_socket()
         self.fake.responses = _Replies(self)
+        self._kill_fake = self.fake.kill
+        self.fake.kill = self._killed
         self.buffer = bytearray()
         self.lock = threading.Lock()
         self.work = threading.Condition(self.lock)
         self.queued: collections.deque[list[bytes]] = collections.deque()  # for the blocking thread
         self.busy = False  # a blocking command (or what came after it) is running on self.thread
         self.closed = False
+        self.killed = False  # by CLIENT KILL
         self.thread: threading.Thread | None = None
 
     def on_readable(self) -> None:
@@ -154,7 +171,7 @@ class _Client:
             return
         except OSError:
             data = b""
-        if not data:
+        if not data or self.killed:
             self.hang_up()
             return
         self.buffer += data
@@ -171,7 +188,43 @@ class _Client:
                     continue
             self._run(fields)
 
+    def _killed(self) -> None:
+        """CLIENT KILL chose this client: like redis-server, close its connection.
+
+        fakeredis alone only marks it, and answers its next command with an error
+        reply; a real server closes the socket, which is what redis-py and kombu's
+        health checks expect (a ConnectionError). Closing the read side makes the
+        loop see the end of input and hang the client up, after any reply in flight.
+        """
+        self._kill_fake()
+        self.killed = True  # whatever it sends from now on is never run
+        try:
+            self.sock.shutdown(socket.SHUT_RD)  # wakes the loop, which hangs the client up
+        except OSError:
+            pass
+
+    def _refused(self, fields: list[bytes]) -> bool:
+        """Answer AUTH (and check HELLO … AUTH) here, and NOAUTH before it, as redis-server does."""
+        given = _credentials(fields)
+        if given is not None:
+            if not self.server.accepts(*given):
+                self.fake.responses.put(fakeredis._helpers.SimpleError(WRONGPASS))
+                return True
+            self.authenticated = True
+            self.fake._client_info["user"] = given[0].decode()
+            if fields[0].upper() == b"AUTH":
+                self.fake.responses.put(b"OK")  # a top-level bytes reply goes out as +OK
+                return True
+            del fields[2:5]  # HELLO <protocol> [SETNAME …]: fakeredis answers the rest
+            return False
+        if not self.authenticated and fields[0].upper() not in (b"HELLO", b"QUIT"):
+            self.fake.responses.put(fakeredis._helpers.SimpleError("NOAUTH Authentication required."))
+            return True
+        return False
+
     def _run(self, fields: list[bytes]) -> None:
+        if self.killed or self._refused(fields):
+            return
         try:
             self.fake.sendall(_encode(fields))
         except Exception as exc:  # the connection was killed (CLIENT KILL) or broke
@@ -240,7 +293,18 @@ class EmbeddedBroker:
             app = Celery("demo", broker=broker.url, backend=broker.url)
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, password: str | None = None, users: dict[str, str] | None = None
+    ) -> None:
+        """``password``: like redis-server's ``requirepass`` (the ``default`` user's password);
+        ``users``: more ACL users, ``{name: password}``, each allowed every command and key.
+        With either, a client must AUTH before anything else (NOAUTH), and wrong credentials
+        get redis-server's own WRONGPASS reply."""
+        self.credentials: dict[bytes, bytes] | None = None
+        if password is not None or users:
+            self.credentials = {name.encode(): secret.encode() for name, secret in (users or {}).items()}
+            if password is not None:
+                self.credentials[b"default"] = password.encode()
         self.host = host
         self.requested_port = port
         self.port: int | None = None
@@ -253,8 +317,14 @@ class EmbeddedBroker:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
+    def accepts(self, user: bytes, password: bytes) -> bool:
+        if self.credentials is None:
+            return True  # like redis-server without requirepass: any AUTH succeeds for "default"
+        return self.credentials.get(user) == password
+
     @property
     def url(self) -> str:
+        """Where to connect, without credentials (add ``user:password@`` yourself)."""
         if self.port is None:
             raise RuntimeError("the embedded broker is not started")
         return f"redis://{self.host}:{self.port}/0"
@@ -279,7 +349,10 @@ class EmbeddedBroker:
                 if key.data == "accept":
                     self._accept()
                 elif isinstance(key.data, _Client):
-                    key.data.on_readable()
+                    try:
+                        key.data.on_readable()
+                    except Exception:  # a bug of ours in one client's command must not stop the broker
+                        key.data.hang_up()
 
     def _accept(self) -> None:
         assert self._listener is not None
@@ -388,9 +461,9 @@ def broker_process(start_timeout: float = 20.0) -> Iterator[str]:
         return
 
 
-def serve(port: int = 0, announce=print) -> None:
+def serve(port: int = 0, announce=print, password: str | None = None, users: dict[str, str] | None = None) -> None:
     """Run the embedded broker in this process until SIGINT or SIGTERM."""
-    with EmbeddedBroker(port=port) as server:
+    with EmbeddedBroker(port=port, password=password, users=users) as server:
         announce(server.url)
         stop = threading.Event()
         # Ctrl-C, or SIGTERM from a script (background jobs ignore SIGINT).
@@ -402,8 +475,12 @@ def serve(port: int = 0, announce=print) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m labkit.broker", description="The embedded Redis-compatible broker.")
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: a free one)")
+    parser.add_argument("--requirepass", metavar="PASSWORD", help="the default user's password, as redis-server's")
+    parser.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD", help="an ACL user (repeatable)")
     args = parser.parse_args(argv)
-    serve(args.port, announce=lambda url: print(f"Embedded broker (fakeredis) listening on {url}", flush=True))
+    users = dict(entry.split(":", 1) for entry in args.user)
+    announce = lambda url: print(f"Embedded broker (fakeredis) listening on {url}", flush=True)  # noqa: E731
+    serve(args.port, announce, password=args.requirepass, users=users)
 
 
 if __name__ == "__main__":

@@ -303,6 +303,76 @@ def test_celery_round_trip_and_chord(url, monkeypatch):
         app.close()
 
 
+# --- passwords, ACL users and CLIENT KILL, as redis-server does them ----------------
+
+
+@pytest.fixture(scope="module")
+def locked():
+    """A broker with a password for the default user and an ACL user ``alice``."""
+    with EmbeddedBroker(password="s3cret", users={"alice": "pw"}) as server:
+        yield server
+
+
+def with_credentials(url: str, credentials: str) -> str:
+    return url.replace("redis://", f"redis://{credentials}@", 1)
+
+
+@pytest.mark.parametrize(
+    "credentials, expected",
+    [
+        ("", "Authentication required."),
+        (":wrong", "invalid username-password pair or user is disabled."),
+        ("alice:bad", "invalid username-password pair or user is disabled."),
+        ("nobody:s3cret", "invalid username-password pair or user is disabled."),
+    ],
+    ids=["no-password", "wrong-password", "wrong-user-password", "unknown-user"],
+)
+def test_a_locked_broker_refuses_wrong_credentials_like_redis(locked, credentials, expected):
+    url = with_credentials(locked.url, credentials) if credentials else locked.url
+    client = redis.Redis.from_url(url, socket_timeout=WAIT)
+    with pytest.raises(redis.AuthenticationError) as refused:
+        client.ping()
+    assert str(refused.value) == expected
+    client.close()
+
+
+@pytest.mark.parametrize("credentials", [":s3cret", "default:s3cret", "alice:pw"])
+@pytest.mark.parametrize("protocol", [2, 3])
+def test_a_locked_broker_accepts_its_password_and_acl_users(locked, credentials, protocol):
+    client = redis.Redis.from_url(with_credentials(locked.url, credentials), socket_timeout=WAIT, protocol=protocol, decode_responses=True)
+    assert client.ping()
+    assert client.acl_whoami() == (credentials.split(":")[0] or "default")
+    client.close()
+
+
+def test_celery_runs_on_a_locked_broker(locked, monkeypatch):
+    url = with_credentials(locked.url, "alice:pw")
+    monkeypatch.setenv("REDIS_URL", url)
+    app = Celery("locked_probe", broker=url, backend=url)
+
+    @app.task(name="locked_probe.add")
+    def add(x, y):
+        return x + y
+
+    try:
+        with thread_worker(app, start_timeout=WAIT, stop_timeout=WAIT):
+            assert add.delay(2, 3).get(timeout=WAIT) == 5
+    finally:
+        app.close()
+
+
+def test_client_kill_closes_the_killed_connection(url, r):
+    """redis-server closes a killed client's socket (redis-py then raises ConnectionError);
+    fakeredis alone kept it open and answered its next command with an error reply."""
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1].split("/")[0])), timeout=WAIT) as victim:
+        victim.sendall(resp_command(b"CLIENT", b"ID"))
+        victim_id = int(victim.recv(100)[1:].strip())
+        assert r.client_kill_filter(_id=victim_id) == 1
+        victim.sendall(resp_command(b"PING"))
+        assert victim.recv(100) == b"", "the killed connection answered instead of closing"
+    assert victim_id not in [int(client["id"]) for client in r.client_list()]
+
+
 # --- stopping ---------------------------------------------------------------------
 
 
