@@ -30,10 +30,12 @@ import select
 import selectors
 import signal
 import socket
+import ssl
 import sys
 import threading
 import urllib.parse
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 import fakeredis
@@ -41,6 +43,7 @@ from fakeredis._clients._sync import FakeRedisConnection
 from fakeredis._clients._tcp_server import encode_reply  # pinned: fakeredis==2.40.0
 
 from labkit.procs import ChildProcess, ProcessError, free_port, port_open
+from labkit.tls import TLSFrontDoor, certificates
 
 __all__ = ["EmbeddedBroker", "broker_process", "is_reachable", "same_redis", "with_db"]
 
@@ -294,12 +297,20 @@ class EmbeddedBroker:
     """
 
     def __init__(
-        self, host: str = "127.0.0.1", port: int = 0, password: str | None = None, users: dict[str, str] | None = None
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        password: str | None = None,
+        users: dict[str, str] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         """``password``: like redis-server's ``requirepass`` (the ``default`` user's password);
         ``users``: more ACL users, ``{name: password}``, each allowed every command and key.
         With either, a client must AUTH before anything else (NOAUTH), and wrong credentials
-        get redis-server's own WRONGPASS reply."""
+        get redis-server's own WRONGPASS reply. ``tls``: a server context; the broker then also
+        listens for TLS on a second port (``tls_url``, ``rediss://``), see labkit.tls."""
+        self.tls = tls
+        self._front_door: TLSFrontDoor | None = None
         self.credentials: dict[bytes, bytes] | None = None
         if password is not None or users:
             self.credentials = {name.encode(): secret.encode() for name, secret in (users or {}).items()}
@@ -323,6 +334,13 @@ class EmbeddedBroker:
         return self.credentials.get(user) == password
 
     @property
+    def tls_url(self) -> str:
+        """The ``rediss://`` address of the TLS port (started with ``tls=``)."""
+        if self._front_door is None:
+            raise RuntimeError("the embedded broker was not started with tls=")
+        return f"rediss://{self.host}:{self._front_door.port}/0"
+
+    @property
     def url(self) -> str:
         """Where to connect, without credentials (add ``user:password@`` yourself)."""
         if self.port is None:
@@ -340,6 +358,8 @@ class EmbeddedBroker:
         self._stopping.clear()
         self._loop_thread = threading.Thread(target=self._loop, name="labkit-broker-loop", daemon=True)
         self._loop_thread.start()
+        if self.tls is not None:
+            self._front_door = TLSFrontDoor(self.tls, self.port, self.host).start()
         return self
 
     def _loop(self) -> None:
@@ -380,6 +400,9 @@ class EmbeddedBroker:
         """Close every connection and the port, and join every thread."""
         if self._loop_thread is None:
             return
+        if self._front_door is not None:
+            self._front_door.stop()
+            self._front_door = None
         self._stopping.set()
         assert self._wake is not None and self._selector is not None
         self._wake[1].send(b"x")
@@ -461,10 +484,22 @@ def broker_process(start_timeout: float = 20.0) -> Iterator[str]:
         return
 
 
-def serve(port: int = 0, announce=print, password: str | None = None, users: dict[str, str] | None = None) -> None:
-    """Run the embedded broker in this process until SIGINT or SIGTERM."""
-    with EmbeddedBroker(port=port, password=password, users=users) as server:
+def serve(
+    port: int = 0,
+    announce=print,
+    password: str | None = None,
+    users: dict[str, str] | None = None,
+    tls_folder: Path | None = None,
+) -> None:
+    """Run the embedded broker in this process until SIGINT or SIGTERM.
+
+    With ``tls_folder``, it also listens for TLS, with a throwaway CA written there.
+    """
+    context, ca_file = certificates(tls_folder) if tls_folder else (None, None)
+    with EmbeddedBroker(port=port, password=password, users=users, tls=context) as server:
         announce(server.url)
+        if ca_file is not None:
+            announce(f"{server.tls_url} (TLS; clients trust {ca_file})")
         stop = threading.Event()
         # Ctrl-C, or SIGTERM from a script (background jobs ignore SIGINT).
         for signum in (signal.SIGINT, signal.SIGTERM):
@@ -477,10 +512,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="TCP port on 127.0.0.1 (default: a free one)")
     parser.add_argument("--requirepass", metavar="PASSWORD", help="the default user's password, as redis-server's")
     parser.add_argument("--user", action="append", default=[], metavar="NAME:PASSWORD", help="an ACL user (repeatable)")
+    parser.add_argument("--tls", type=Path, metavar="FOLDER", help="also serve rediss://; the CA file goes in FOLDER")
     args = parser.parse_args(argv)
     users = dict(entry.split(":", 1) for entry in args.user)
     announce = lambda url: print(f"Embedded broker (fakeredis) listening on {url}", flush=True)  # noqa: E731
-    serve(args.port, announce, password=args.requirepass, users=users)
+    serve(args.port, announce, password=args.requirepass, users=users, tls_folder=args.tls)
 
 
 if __name__ == "__main__":

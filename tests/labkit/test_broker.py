@@ -314,7 +314,8 @@ def locked():
 
 
 def with_credentials(url: str, credentials: str) -> str:
-    return url.replace("redis://", f"redis://{credentials}@", 1)
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://{credentials}@{rest}"
 
 
 @pytest.mark.parametrize(
@@ -371,6 +372,48 @@ def test_client_kill_closes_the_killed_connection(url, r):
         victim.sendall(resp_command(b"PING"))
         assert victim.recv(100) == b"", "the killed connection answered instead of closing"
     assert victim_id not in [int(client["id"]) for client in r.client_list()]
+
+
+@pytest.fixture(scope="module")
+def tls_broker(tmp_path_factory):
+    """A locked broker that also speaks TLS, with a throwaway CA (trustme) its clients trust."""
+    from labkit.tls import certificates
+
+    context, ca_file = certificates(tmp_path_factory.mktemp("tls"))
+    with EmbeddedBroker(password="s3cret", tls=context) as server:
+        yield server, ca_file
+
+
+def test_rediss_works_with_the_ca_and_fails_without_it(tls_broker):
+    broker, ca_file = tls_broker
+    url = with_credentials(broker.tls_url, ":s3cret")
+    trusted = redis.Redis.from_url(url, ssl_ca_certs=str(ca_file), socket_timeout=WAIT)
+    assert trusted.ping() and trusted.set("tls-key", "v") and trusted.get("tls-key") == b"v"
+    trusted.close()
+    untrusted = redis.Redis.from_url(url, socket_timeout=WAIT)
+    with pytest.raises(redis.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+        untrusted.ping()
+
+
+def test_celery_runs_over_tls_with_a_password(tls_broker, monkeypatch):
+    import ssl
+
+    broker, ca_file = tls_broker
+    url = with_credentials(broker.tls_url, ":s3cret")
+    monkeypatch.setenv("REDIS_URL", url)
+    app = Celery("tls_probe", broker=url, backend=url)
+    verify = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": str(ca_file)}
+    app.conf.update(broker_use_ssl=verify, redis_backend_use_ssl=verify)
+
+    @app.task(name="tls_probe.add")
+    def add(x, y):
+        return x + y
+
+    try:
+        with thread_worker(app, start_timeout=WAIT, stop_timeout=WAIT):
+            assert add.delay(2, 3).get(timeout=WAIT) == 5
+    finally:
+        app.close()
 
 
 # --- stopping ---------------------------------------------------------------------
