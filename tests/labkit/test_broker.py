@@ -346,20 +346,26 @@ def test_a_locked_broker_accepts_its_password_and_acl_users(locked, credentials,
     client.close()
 
 
-def test_celery_runs_on_a_locked_broker(locked, monkeypatch):
-    url = with_credentials(locked.url, "alice:pw")
-    monkeypatch.setenv("REDIS_URL", url)
-    app = Celery("locked_probe", broker=url, backend=url)
+def add_through_a_worker(name: str, url: str, **settings) -> int:
+    """2 + 3, sent through ``url`` to a worker thread of a new app (``settings`` go in its conf)."""
+    app = Celery(name, broker=url, backend=url)
+    app.conf.update(settings)
 
-    @app.task(name="locked_probe.add")
+    @app.task(name=f"{name}.add")
     def add(x, y):
         return x + y
 
     try:
         with thread_worker(app, start_timeout=WAIT, stop_timeout=WAIT):
-            assert add.delay(2, 3).get(timeout=WAIT) == 5
+            return add.delay(2, 3).get(timeout=WAIT)
     finally:
         app.close()
+
+
+def test_celery_runs_on_a_locked_broker(locked, monkeypatch):
+    url = with_credentials(locked.url, "alice:pw")
+    monkeypatch.setenv("REDIS_URL", url)
+    assert add_through_a_worker("locked_probe", url) == 5
 
 
 def test_client_kill_closes_the_killed_connection(url, r):
@@ -401,19 +407,8 @@ def test_celery_runs_over_tls_with_a_password(tls_broker, monkeypatch):
     broker, ca_file = tls_broker
     url = with_credentials(broker.tls_url, ":s3cret")
     monkeypatch.setenv("REDIS_URL", url)
-    app = Celery("tls_probe", broker=url, backend=url)
     verify = {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": str(ca_file)}
-    app.conf.update(broker_use_ssl=verify, redis_backend_use_ssl=verify)
-
-    @app.task(name="tls_probe.add")
-    def add(x, y):
-        return x + y
-
-    try:
-        with thread_worker(app, start_timeout=WAIT, stop_timeout=WAIT):
-            assert add.delay(2, 3).get(timeout=WAIT) == 5
-    finally:
-        app.close()
+    assert add_through_a_worker("tls_probe", url, broker_use_ssl=verify, redis_backend_use_ssl=verify) == 5
 
 
 # --- stopping ---------------------------------------------------------------------
