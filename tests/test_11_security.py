@@ -171,8 +171,9 @@ def redis_values(redis_client):
     return values
 
 
-def queued(redis_client):
-    return redis_client.lrange("celery", 0, -1)
+def queued(redis_client, task_id):
+    """The messages of task ``task_id`` waiting in the default queue."""
+    return [raw for raw in redis_client.lrange("celery", 0, -1) if task_id.encode() in raw]
 
 
 # --- sending what the app should refuse ---------------------------------------------------------
@@ -263,16 +264,16 @@ def test_unsigned_message_is_refused(lesson, thread_worker, redis_client, broker
 @pytest.mark.task(2)
 def test_tampered_message_is_refused(lesson, thread_worker, redis_client):
     sent = start_import(lesson, FORM)
-    messages = queued(redis_client)
+    messages = queued(redis_client, sent.id)
     if len(messages) != 1:
-        fail(f"start_import(form) with no worker running left {len(messages)} messages in the queue 'celery', expected 1.")
+        fail(f"start_import(form) with no worker running left {len(messages)} messages of its task in the queue 'celery', expected 1.")
     changed = tampered(messages[0])
     if changed is None:
         fail(
             "start_import(form) sent a message without the folder 'Inbox' in its body: the folder the user chose "
             "must travel in the message (TODO 3)."
         )
-    redis_client.delete("celery")
+    redis_client.lrem("celery", 1, messages[0])
     redis_client.rpush("celery", changed)  # the folder changed from 'Inbox' to 'Trash', in Redis
     marker = send_marker(lesson)
     thread_worker(lesson.app)
@@ -297,7 +298,7 @@ def test_no_secret_in_redis(lesson, thread_worker, redis_client):
     private = [secret, "grace@example.com"]
     try:
         sent = start_import(lesson, form)
-        messages = queued(redis_client)
+        messages = queued(redis_client, sent.id)
         for raw in messages:
             seen = found_in(raw, private)
             if secret in seen:
