@@ -2,7 +2,7 @@
 
 Usage (four terminals, all in this folder; the lesson README explains each)::
 
-    python -m trustme -k RSA -d certs -q             # once: a throwaway signing key and certificate
+    mkdir -p certs && python -m trustme -k RSA -d certs -q    # once: a throwaway signing key
     python -m labkit broker                          # 1. prints a REDIS_URL
     export REDIS_URL=redis://127.0.0.1:PORT/0        # 2. then start a worker
     celery -A security1 worker --loglevel=INFO
