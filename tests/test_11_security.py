@@ -14,6 +14,7 @@ our own can also be an impostor, with a certificate from a CA the app must not t
 """
 
 import base64
+import gc
 import importlib.util
 import json
 import os
@@ -23,6 +24,7 @@ import ssl
 import sys
 import urllib.error
 import urllib.request
+import warnings
 
 import pytest
 import redis
@@ -402,14 +404,44 @@ def tls_brokers(tmp_path_factory):
             yield ours, impostor, ca_file
 
 
-def load_copy(lesson, monkeypatch, url, ca_file):
-    """A fresh copy of the lesson's module, imported with REDIS_URL=url and REDIS_CA=ca_file."""
-    monkeypatch.setenv("REDIS_URL", url)
-    monkeypatch.setenv("REDIS_CA", str(ca_file))
-    spec = importlib.util.spec_from_file_location(MODULE, lesson.module.__file__)
-    module = importlib.util.module_from_spec(spec)
-    call(f"importing {MODULE}.py with REDIS_URL={url!r}", spec.loader.exec_module, module)
-    return module
+@pytest.fixture
+def load_copy(lesson, monkeypatch):
+    """``load_copy(url, ca_file)``: a fresh copy of the lesson's module, imported with REDIS_URL and REDIS_CA.
+
+    Its tasks are "shared": Celery would add them to every app made later in this process (the
+    next lessons' apps), next to the originals of the same name. Forget them after the check.
+    """
+    from celery import _state
+
+    before = set(_state._on_app_finalizers)
+    apps = []
+
+    def load(url, ca_file):
+        monkeypatch.setenv("REDIS_URL", url)
+        monkeypatch.setenv("REDIS_CA", str(ca_file))
+        spec = importlib.util.spec_from_file_location(MODULE, lesson.module.__file__)
+        module = importlib.util.module_from_spec(spec)
+        call(f"importing {MODULE}.py with REDIS_URL={url!r}", spec.loader.exec_module, module)
+        apps.append(module.app)
+        return module
+
+    yield load
+    _state._on_app_finalizers.intersection_update(before)
+    for app in apps:
+        close(app)
+    # Connections the copies dropped (a refused handshake, say) are freed now, not in a later check.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+
+
+def close(app):
+    """Close the app's broker pool and its result backend's Redis connections."""
+    try:
+        app.backend.client.connection_pool.disconnect()
+    except Exception:  # noqa: BLE001 - a backend that cannot start has nothing to close
+        pass
+    app.close()
 
 
 def with_credentials(url, credentials):
@@ -429,10 +461,10 @@ def connect(app):
 
 @pytest.mark.task(5)
 @pytest.mark.filterwarnings(COPY_WARNING)
-def test_app_connects_over_tls_with_a_password(lesson, tls_brokers, monkeypatch, redis_client):
+def test_app_connects_over_tls_with_a_password(tls_brokers, load_copy, redis_client):
     ours, impostor, ca_file = tls_brokers
     url = with_credentials(ours.tls_url, "labs:labs-pw")
-    copy = load_copy(lesson, monkeypatch, url, ca_file)
+    copy = load_copy(url, ca_file)
     try:
         problem = connect(copy.app)
         if problem:
@@ -449,13 +481,10 @@ def test_app_connects_over_tls_with_a_password(lesson, tls_brokers, monkeypatch,
             "does the app send to REDIS_URL (TODO 5)?"
         )
     finally:
-        copy.app.close()
+        close(copy.app)
     wrong = with_credentials(ours.tls_url, "labs:wrong-pw")
-    copy = load_copy(lesson, monkeypatch, wrong, ca_file)
-    try:
-        problem = connect(copy.app)
-    finally:
-        copy.app.close()
+    copy = load_copy(wrong, ca_file)
+    problem = connect(copy.app)
     assert "invalid username-password pair" in problem or "WRONGPASS" in problem, (
         f"Connected with REDIS_URL={wrong!r}, a wrong password; expected Redis to refuse it (WRONGPASS), got "
         f"{problem or 'a working connection'}. Do the broker and the backend both take REDIS_URL (TODO 5)?"
@@ -464,14 +493,11 @@ def test_app_connects_over_tls_with_a_password(lesson, tls_brokers, monkeypatch,
 
 @pytest.mark.task(5)
 @pytest.mark.filterwarnings(COPY_WARNING)
-def test_app_checks_the_servers_certificate(lesson, tls_brokers, monkeypatch, redis_client):
+def test_app_checks_the_servers_certificate(tls_brokers, load_copy, redis_client):
     ours, impostor, ca_file = tls_brokers
     url = with_credentials(impostor.tls_url, "labs:labs-pw")
-    copy = load_copy(lesson, monkeypatch, url, ca_file)
-    try:
-        problem = connect(copy.app)
-    finally:
-        copy.app.close()
+    copy = load_copy(url, ca_file)
+    problem = connect(copy.app)
     if "rediss:// URL must have parameter ssl_cert_reqs" in problem:
         fail(f"With a rediss:// REDIS_URL, the result backend refused to start: {problem} (TODO 5).")
     assert problem, (
