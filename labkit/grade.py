@@ -13,6 +13,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from labkit.manifest import ROOT, Lesson, find_lesson, load_course
 
@@ -71,9 +72,14 @@ def pytest_command(test_files: list[Path], target: str, broker_url: str | None, 
 
 
 def grade_course(
-    keys: tuple[str, ...] = (), target: str = "lessons", broker_url: str | None = None, root: Path = ROOT
+    keys: tuple[str, ...] = (), target: str = "lessons", broker_url: str | None = None, root: Path = ROOT,
+    run: Callable[[list[str], Path, Path], str] | None = None,
 ) -> list[LessonResult]:
-    """Grade the lessons named by ``keys`` (all when empty) in one pytest run."""
+    """Grade the lessons named by ``keys`` (all when empty) in one pytest run.
+
+    ``run`` runs the pytest command instead of ``_run`` (same arguments and answer):
+    ``labkit.warm.WarmSession.run`` runs it in the warm grader.
+    """
     course = load_course(root / "course.toml")
     lessons = [find_lesson(key, course) for key in keys] if keys else course
     graded = {lesson.slug: LessonResult(lesson) for lesson in lessons}
@@ -83,7 +89,7 @@ def grade_course(
         results.touch()
         test_files = [path for lesson in lessons for path in lesson.test_files(root)]
         command = pytest_command(test_files, target, broker_url, results, root)
-        problem = _run(command, root, Path(tmp) / "pytest.log")
+        problem = (run or _run)(command, root, Path(tmp) / "pytest.log")
         _read(results, by_file)
     for result in graded.values():
         if problem and not result.problem and any(c.status == "not run" for c in result.checks):
