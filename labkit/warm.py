@@ -33,9 +33,12 @@ import importlib
 import io
 import json
 import os
+import runpy
 import select
+import selectors
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -52,6 +55,8 @@ if TYPE_CHECKING:
     from labkit.grade import LessonResult
 
 READY = "labkit warm grader: ready"
+SOCKET_VARIABLE = "LABKIT_WARM_SOCKET"  # set in a warm grade: where its `python -m ...` processes are forked
+GRADE_VARIABLE = "LABKIT_WARM_GRADE"  # set in a warm grade: its pid, which those processes belong to
 HERE = Path(__file__).resolve().parent.parent  # the course whose labkit this is (labkit.manifest.ROOT)
 COURSE_FOLDERS = ("lessons", "solutions", "tests", "notebooks")
 
@@ -83,6 +88,11 @@ PRELOAD = (
     "fastapi", "fastapi.testclient", "starlette.testclient",
     "aiosmtpd.controller", "smtplib", "email.message", "email.policy",
     "concurrent.futures.thread", "asyncio", "uuid", "json", "tomllib", "pdb", "faulthandler",
+    # what `python -m uvicorn` and `python -m celery` import (forked by spawn)
+    "runpy", "logging.config", "uvicorn.main", "uvicorn.server", "uvicorn.lifespan.on", "uvicorn.loops.auto",
+    "uvicorn.loops.asyncio", "uvicorn.protocols.http.auto", "uvicorn.protocols.http.h11_impl",
+    "uvicorn.protocols.websockets.auto", "uvicorn.middleware.proxy_headers", "uvicorn.supervisors",
+    "celery.bin.celery", "celery.apps.worker", "celery.apps.beat", "celery.concurrency.prefork",
     # plugins pytest loads from their entry points (see _let_preloaded_modules_be)
     "pytest_timeout", "anyio.pytest_plugin", "platformdirs.pytest_plugin",
 )  # fmt: skip
@@ -119,7 +129,8 @@ def course_modules() -> list[str]:
 
 
 def serve(path: str) -> None:
-    """Preload, then answer grade requests on the Unix socket ``path``, one at a time, for ever."""
+    """Preload, then answer requests on the Unix socket ``path`` for ever (see ``Zygote``)."""
+    base_path = _base_path()
     preload()
     if threading.active_count() != 1:  # a fork copies only the thread that forks
         names = ", ".join(t.name for t in threading.enumerate())
@@ -129,79 +140,216 @@ def serve(path: str) -> None:
         sys.exit(f"labkit warm grader: the libraries imported modules of the course ({', '.join(course)}); refusing to run")
     gc.collect()
     gc.freeze()  # what is here now stays: the grades' garbage collections need not look at it
-    preloaded = frozenset(sys.modules)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path)
-    listener.listen(4)
+    listener.listen(16)
     print(READY, flush=True)
-    while True:
-        conn, _ = listener.accept()
-        with conn:
-            line = _read_line(conn)
-            if not line:
-                continue
-            answer = _grade(json.loads(line), listener, conn, preloaded)
-            try:
-                conn.sendall(json.dumps(answer).encode() + b"\n")
-            except OSError:
-                pass  # the grader went away; the next request may come from a new one
+    Zygote(listener, path, frozenset(sys.modules), base_path).run()
 
 
-def _grade(request: dict, listener: socket.socket, conn: socket.socket, preloaded: frozenset[str]) -> dict:
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the grade: never returns
-        code = 70
+class Zygote:
+    """The warm grader's loop. It forks, on request:
+
+    - a grade (``{"args": ...}``, from ``WarmGrader.run``): pytest, answered with its exit code
+      when it ends, or killed after its timeout;
+    - a process a grade starts (``{"kind": "spawn"}``, from ``spawn`` through
+      ``labkit.procs.ChildProcess``): ``python -m uvicorn ...`` or ``python -m celery ...``
+      runs in a fork of this process instead of a new Python. It lives while the grade holds
+      the request's connection and at most as long as the grade, and its exit code is sent on
+      that connection.
+    """
+
+    def __init__(self, listener: socket.socket, path: str, preloaded: frozenset[str], base_path: list[str]) -> None:
+        self.listener, self.path, self.preloaded, self.base_path = listener, path, preloaded, base_path
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(listener, selectors.EVENT_READ, ("accept", 0))
+        self.grades: dict[int, dict] = {}  # pid -> conn, pidfd, deadline, spawned pids
+        self.spawned: dict[int, dict] = {}  # pid -> conn (None once answered), pidfd
+
+    def run(self) -> None:
+        while True:
+            deadlines = [grade["deadline"] for grade in self.grades.values()]
+            timeout = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            for key, _ in self.selector.select(timeout):
+                kind, pid = key.data
+                if kind == "accept":
+                    self._accept()
+                elif kind == "grade" and pid in self.grades:
+                    self._end_grade(pid, timed_out=False)
+                elif kind == "spawned" and pid in self.spawned:
+                    self._end_spawned(pid)
+                elif kind == "holder" and pid in self.spawned:
+                    self._let_go(pid)
+            for pid, grade in list(self.grades.items()):
+                if time.monotonic() >= grade["deadline"]:
+                    self._end_grade(pid, timed_out=True)
+
+    def _accept(self) -> None:
+        conn, _ = self.listener.accept()
+        conn.settimeout(10)
         try:
-            listener.close()
+            line, fds = _receive(conn)
+            request = json.loads(line)
+        except (OSError, ValueError):
             conn.close()
-            code = _run_pytest(request, preloaded)
-        except BaseException:  # noqa: BLE001 - into the grade's log, if it got that far
-            traceback.print_exc()
-        finally:
-            os._exit(code)
+            return
+        if request.get("kind") == "spawn" and len(fds) == 1:
+            self._spawn(request, conn, fds[0])
+            return
+        for fd in fds:
+            os.close(fd)
+        self._grade(request, conn)
+
+    def _fork(self, *also_close: socket.socket) -> int:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child keeps nothing of the loop: no socket, no pidfd
+            self.selector.close()
+            self.listener.close()
+            for entry in (*self.grades.values(), *self.spawned.values()):
+                if entry["conn"] is not None:
+                    entry["conn"].close()
+                os.close(entry["pidfd"])
+            for conn in also_close:
+                conn.close()
+        return pid
+
+    def _grade(self, request: dict, conn: socket.socket) -> None:
+        pid = self._fork(conn)
+        if pid == 0:  # the grade: never returns
+            code = 70
+            try:
+                code = _run_pytest(request, self.preloaded, self.base_path, self.path)
+            except BaseException:  # noqa: BLE001 - into the grade's log, if it got that far
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        try:
+            os.setpgid(pid, pid)  # the child does it too: whichever runs first
+        except OSError:
+            pass
+        pidfd = os.pidfd_open(pid)
+        self.selector.register(pidfd, selectors.EVENT_READ, ("grade", pid))
+        deadline = time.monotonic() + request["timeout"]
+        self.grades[pid] = {"conn": conn, "pidfd": pidfd, "deadline": deadline, "spawned": set()}
+
+    def _end_grade(self, pid: int, timed_out: bool) -> None:
+        grade = self.grades.pop(pid)
+        self.selector.unregister(grade["pidfd"])
+        _kill_group(pid)  # on a timeout, the grade; in any case whatever it left in its group
+        for child in grade["spawned"]:
+            _kill_group(child, reaped=child not in self.spawned)  # and the processes it asked for
+        _, status = os.waitpid(pid, 0)
+        os.close(grade["pidfd"])
+        _kill_group(pid, reaped=True)
+        answer = {"returncode": os.waitstatus_to_exitcode(status), "timed_out": timed_out}
+        _answer(grade["conn"], answer)
+        grade["conn"].close()
+
+    def _spawn(self, request: dict, conn: socket.socket, output: int) -> None:
+        pid = self._fork(conn)
+        if pid == 0:  # `python -m MODULE ARGS`: never returns
+            code = 1
+            try:
+                code = _run_module(request, output, self.base_path)
+            except BaseException:  # noqa: BLE001 - as Python prints an uncaught exception
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(output)
+        pidfd = os.pidfd_open(pid)
+        self.spawned[pid] = {"conn": conn, "pidfd": pidfd}
+        if request.get("grade") in self.grades:
+            self.grades[request["grade"]]["spawned"].add(pid)
+        self.selector.register(pidfd, selectors.EVENT_READ, ("spawned", pid))
+        self.selector.register(conn, selectors.EVENT_READ, ("holder", pid))
+        _answer(conn, {"pid": pid})
+
+    def _end_spawned(self, pid: int) -> None:
+        entry = self.spawned.pop(pid)
+        self.selector.unregister(entry["pidfd"])
+        _, status = os.waitpid(pid, 0)
+        os.close(entry["pidfd"])
+        if entry["conn"] is not None:
+            self.selector.unregister(entry["conn"])
+            _answer(entry["conn"], {"returncode": os.waitstatus_to_exitcode(status)})
+            entry["conn"].close()
+
+    def _let_go(self, pid: int) -> None:
+        """The grade closed the connection (or ended): the process goes too, as a child of a dead parent would."""
+        entry = self.spawned[pid]
+        self.selector.unregister(entry["conn"])
+        entry["conn"].close()
+        entry["conn"] = None
+        _kill_group(pid)
+
+
+def _answer(conn: socket.socket, answer: dict) -> None:
     try:
-        os.setpgid(pid, pid)  # the child does it too: whichever runs first
+        conn.sendall(json.dumps(answer).encode() + b"\n")
     except OSError:
-        pass
-    pidfd = os.pidfd_open(pid)
-    try:
-        ended = bool(select.select([pidfd], [], [], request["timeout"])[0])
-    finally:
-        os.close(pidfd)
-    _kill_group(pid)  # on a timeout, the grade; in any case whatever it left in its group
-    _, status = os.waitpid(pid, 0)
-    _kill_group(pid)
-    return {"returncode": os.waitstatus_to_exitcode(status), "timed_out": not ended}
+        pass  # the asker went away
 
 
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
+    """One request line, and the file descriptors sent with it."""
+    data, fds = b"", []
+    while not data.endswith(b"\n"):
+        chunk, received, _, _ = socket.recv_fds(conn, 65536, 1)
+        fds += received
+        if not chunk:
+            raise OSError("the connection closed mid-request")
+        data += chunk
+    return data, fds
 
 
-def _run_pytest(request: dict, preloaded: frozenset[str]) -> int:
+def _kill_group(pid: int, reaped: bool = False) -> None:
+    """SIGKILL the process group ``pid`` and, while it is not reaped (its pid cannot be reused), the process."""
+    for kill in (os.killpg,) if reaped else (os.killpg, os.kill):  # the process: if it has not made its group yet
+        try:
+            kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _base_path() -> list[str]:
+    """sys.path without what `python -m` and PYTHONPATH put in front: the interpreter's own part."""
+    given = [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    rest = list(sys.path[1:])
+    for entry in given:
+        if entry in rest:
+            rest.remove(entry)
+    return rest
+
+
+def _become(cwd: str, env: dict[str, str], base_path: list[str]) -> None:
+    """Take the directory, environment and sys.path a new `python -m ...` started there would have."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
+    given = [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    sys.path[:] = [os.getcwd(), *given, *base_path]
+
+
+def _run_pytest(request: dict, preloaded: frozenset[str], base_path: list[str], socket_path: str) -> int:
     """In the forked child: become the grade's ``python -m pytest ARGS`` and run it."""
     os.setpgid(0, 0)  # its own process group: a timeout kills the grade and what it started
     die_with_parent()  # and the grade ends if the warm grader is killed
-    cwd = request["cwd"]
-    os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(request["env"])
-    sys.dont_write_bytecode = bool(request["env"].get("PYTHONDONTWRITEBYTECODE"))
-    sys.path[0] = cwd  # what `python -m pytest` run in cwd has first
+    _become(request["cwd"], request["env"], base_path)
+    os.environ[SOCKET_VARIABLE] = socket_path  # its `python -m` processes: forks of the warm grader too
+    os.environ[GRADE_VARIABLE] = str(os.getpid())
     out = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(out, 1)
     os.dup2(out, 2)
     os.close(out)
     sys.stdout = sys.__stdout__ = _text(1)
     sys.stderr = sys.__stderr__ = _text(2)
-    sys.argv = ["pytest", *request["args"]]
-    _let_preloaded_modules_be(preloaded)
     import pytest
+
+    sys.argv = [os.path.join(os.path.dirname(pytest.__file__), "__main__.py"), *request["args"]]  # as `python -m pytest`
+    _let_preloaded_modules_be(preloaded)
 
     code = int(pytest.main(request["args"]))
     atexit._run_exitfuncs()  # as at the end of a `python -m pytest`
@@ -210,8 +358,41 @@ def _run_pytest(request: dict, preloaded: frozenset[str]) -> int:
     return code
 
 
-def _text(fd: int) -> io.TextIOWrapper:
-    return io.TextIOWrapper(io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors="backslashreplace", write_through=True)
+def _run_module(request: dict, output: int, base_path: list[str]) -> int:
+    """In the forked child: become ``python -m MODULE ARGS`` (``request["argv"]``) and run it."""
+    os.setsid()  # its own session and group, as ChildProcess starts every process
+    die_with_parent()
+    os.dup2(output, 1)
+    os.dup2(output, 2)
+    os.close(output)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    _become(request["cwd"], request["env"], base_path)
+    unbuffered = bool(request["env"].get("PYTHONUNBUFFERED"))
+    sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.FileIO(0, "r", closefd=False))
+    sys.stdout = sys.__stdout__ = _text(1, unbuffered)
+    sys.stderr = sys.__stderr__ = _text(2, True)
+    module, *args = request["argv"]
+    sys.argv = [module, *args]  # run_module puts the module's file first, as `python -m` does
+    try:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exc:  # as the interpreter reads sys.exit(...)
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        if not isinstance(exc.code, (int, type(None))):
+            print(exc.code, file=sys.stderr)
+    threading._shutdown()  # then as Python ends: wait for threads, run atexit, flush
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return code
+
+
+def _text(fd: int, unbuffered: bool = True) -> io.TextIOWrapper:
+    return io.TextIOWrapper(
+        io.FileIO(fd, "w", closefd=False), encoding="utf-8", errors="backslashreplace", write_through=unbuffered, line_buffering=not unbuffered
+    )
 
 
 def _let_preloaded_modules_be(preloaded: frozenset[str]) -> None:
@@ -300,6 +481,116 @@ class WarmGrader:
             raise WarmGraderError("it ended while grading")
         answer = json.loads(line)
         return answer["returncode"], answer["timed_out"]
+
+
+def spawn(command: list[str], cwd: Path | str | None, env: dict[str, str]) -> WarmProcess | None:
+    """In a warm grade: start ``python -m MODULE ARGS`` as a fork of the warm grader.
+
+    None when this is no warm grade, or the command is not ``python -m``: start it as usual.
+    ``labkit.procs.ChildProcess`` asks here first, so a grade's uvicorn or celery worker
+    starts in a tenth of a second instead of importing everything again. The process
+    gets the same directory, environment, arguments, own session and output pipe as
+    ``subprocess.Popen`` would give it; it is killed when the grade lets go of it or ends.
+    """
+    path = os.environ.get(SOCKET_VARIABLE)
+    if not path or len(command) < 3 or command[:2] != [sys.executable, "-m"]:
+        return None
+    hidden = (SOCKET_VARIABLE, GRADE_VARIABLE)
+    request = {
+        "kind": "spawn",
+        "argv": command[2:],
+        "cwd": os.path.abspath(cwd or os.getcwd()),
+        "env": {key: value for key, value in env.items() if key not in hidden},
+        "grade": int(os.environ.get(GRADE_VARIABLE) or 0),
+    }
+    read_end, write_end = os.pipe()
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        conn.settimeout(10)
+        conn.connect(path)
+        socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [write_end])
+        os.close(write_end)
+        write_end = -1
+        lines = _Lines(conn)
+        pid = json.loads(lines.next(10) or b"null")["pid"]
+    except (OSError, ValueError, TypeError, KeyError):
+        conn.close()
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+        return None
+    return WarmProcess(command, pid, read_end, lines)
+
+
+class _Lines:
+    """JSON lines from the warm grader on one connection."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn, self.buffer = conn, b""
+
+    def next(self, timeout: float | None) -> bytes | None:
+        """The next line; None if none came within ``timeout``; b"" when the connection ended."""
+        while b"\n" not in self.buffer:
+            if not select.select([self.conn], [], [], timeout)[0]:
+                return None
+            try:
+                chunk = self.conn.recv(65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                return b""
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line
+
+
+class WarmProcess:
+    """What ChildProcess uses of a ``subprocess.Popen``, for a process the warm grader forked.
+
+    Its exit code comes on the connection it was asked for on; closing that connection
+    (or ending the grade) has the warm grader kill it.
+    """
+
+    def __init__(self, args: list[str], pid: int, stdout: int, lines: _Lines) -> None:
+        self.args, self.pid, self.returncode = args, pid, None
+        self.stdout = open(stdout, encoding=None, errors="replace")  # text, as Popen(text=True, errors="replace")
+        self._lines = lines
+        self._lock = threading.Lock()
+        self._pidfd = os.pidfd_open(pid)  # signals go to this very process, even if its pid is reused
+
+    def poll(self) -> int | None:
+        return self._receive(0)
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._receive(None if deadline is None else max(0.0, deadline - time.monotonic())) is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def _receive(self, timeout: float | None) -> int | None:
+        with self._lock:
+            if self.returncode is None:
+                line = self._lines.next(timeout)
+                if line is not None:  # b"": the warm grader is gone, and the process with it
+                    self.returncode = json.loads(line)["returncode"] if line else -signal.SIGKILL
+                    self._lines.conn.close()
+                    os.close(self._pidfd)
+            return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        with self._lock:
+            if self.returncode is None:
+                try:
+                    signal.pidfd_send_signal(self._pidfd, signum)
+                except ProcessLookupError:
+                    pass
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 class FreshBrokers:

@@ -1,10 +1,10 @@
 """The warm grader (labkit/warm.py): quick, and each grade as isolated as a cold one.
 
-Most checks grade a tiny course, "probe", whose one check reports what its grade
+Most checks grade a tiny course, "probe", whose first check reports what its grade
 found before doing anything (Redis keys in every database, connected clients, loaded
-modules, Celery apps, marks left on a library and in the environment), then runs its
-task on a worker and leaves such traces behind on purpose, for the next grade to
-(not) find.
+modules, Celery apps, marks left on a library and in the environment); the second
+starts a `python -m` server as uvicorn is started, runs its task on a worker and
+leaves such traces behind on purpose, for the next grade to (not) find.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,7 @@ def version():
 PROBE_CHECKS = '''
 import json, os, subprocess, sys, time
 import celery, celery._state, redis
+from labkit.procs import ChildProcess
 
 
 def report(**values):
@@ -68,10 +70,16 @@ def test_what_the_grade_found_and_leaves(broker_url):
 
 def test_run_the_task_and_leave_traces(exercise, thread_worker, broker_url):
     lesson = exercise("probe1")
-    if os.environ.get("PROBE_HANG") == "loop":
-        report(sleeper=subprocess.Popen(["sleep", "300"]).pid)  # in the grade's process group
-        while True:
-            pass
+    command = [sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1"]
+    with ChildProcess(command, name="probe server", ready="Serving HTTP") as server:  # as uvicorn is started
+        with open(f"/proc/{server.pid}/stat") as stat:
+            parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        report(server=server.pid, server_parent=parent, grade_parent=os.getppid())
+        if os.environ.get("PROBE_HANG") == "loop":
+            report(sleeper=subprocess.Popen(["sleep", "300"]).pid)  # in the grade's process group
+            while True:
+                pass
+    report(server_exit=server.returncode)
     thread_worker(lesson.app)
     value = lesson.version.delay().get(timeout=10)
     report(value=value, tasks=sorted(name for name in lesson.app.tasks if name.startswith("probe1.")))
@@ -153,6 +161,8 @@ def test_each_grade_sees_the_code_saved_and_nothing_of_the_grade_before(warm, pr
     assert first.done, first.problem or [(c.name, c.message) for c in first.checks]
     assert seen["found"] == NOTHING
     assert (seen["value"], seen["tasks"]) == (1, ["probe1.version_1"])
+    # a `python -m` process the grade started was forked from the warm grader, and stopped as usual
+    assert seen["server_parent"] == seen["grade_parent"] == grader and seen["server_exit"] == -signal.SIGTERM
 
     write_probe(probe_course, version=22)  # saved again: new code, a new task name
     second, seen = grade(warm, probe_out)
@@ -162,20 +172,19 @@ def test_each_grade_sees_the_code_saved_and_nothing_of_the_grade_before(warm, pr
     assert warm.grader.pid == grader and notes == []  # both went through the same warm grader
 
 
-@pytest.mark.parametrize(
-    "hang, body", [("import", "while True:\n    pass\n"), ("loop", None)], ids=["hangs-at-import", "loops-forever"]
-)
-def test_a_grade_that_never_ends_is_killed_and_the_next_one_runs(warm, probe_course, probe_out, monkeypatch, notes, hang, body):
+def test_a_grade_that_never_ends_is_killed_and_the_next_one_runs(warm, probe_course, probe_out, monkeypatch, notes):
     grader = warm.grader.pid
     monkeypatch.setattr(warm, "timeout", 2.0)
-    monkeypatch.setenv("PROBE_HANG", hang)
-    write_probe(probe_course, version=3, body=body)
-    started = time.monotonic()
-    stuck, seen = grade(warm, probe_out)
-    assert time.monotonic() - started < 10
-    assert stuck.problem == "the grading run was stopped after 2 s"
-    for pid in filter(None, (seen["pid"], seen.get("sleeper"))):  # the grade, and a process it started
-        wait_until(lambda: gone(pid), 5, f"process {pid} of the stopped grade still runs")
+    for hang, body in (("import", "while True:\n    pass\n"), ("loop", None)):  # at import; in a check
+        monkeypatch.setenv("PROBE_HANG", hang)
+        write_probe(probe_course, version=3, body=body)
+        started = time.monotonic()
+        stuck, seen = grade(warm, probe_out)
+        assert time.monotonic() - started < 10
+        assert stuck.problem == "the grading run was stopped after 2 s"
+        started_by_grade = (seen["pid"], seen.get("sleeper"), seen.get("server"))  # the grade, what it started
+        for pid in filter(None, started_by_grade):
+            wait_until(lambda: gone(pid), 5, f"process {pid} of the stopped grade still runs")
 
     monkeypatch.delenv("PROBE_HANG")
     write_probe(probe_course, version=4)
@@ -185,8 +194,10 @@ def test_a_grade_that_never_ends_is_killed_and_the_next_one_runs(warm, probe_cou
 
 
 def test_warm_results_equal_cold_results_for_lesson_01_solutions(warm, notes):
-    cold = grade_course(("01",), target="solutions")
-    warmed = warm.grade(("01",), target="solutions", root=ROOT)
+    with ThreadPoolExecutor(1) as pool:  # side by side: the checks mostly wait
+        cold = pool.submit(grade_course, ("01",), target="solutions")
+        warmed = warm.grade(("01",), target="solutions", root=ROOT)
+        cold = cold.result()
     shown = lambda results: [(c.name, c.status, c.message) for r in results for c in r.checks]  # noqa: E731
     assert shown(warmed) == shown(cold)
     assert all(r.done for r in warmed) and notes == []
