@@ -119,11 +119,12 @@ def preload(names: tuple[str, ...] = PRELOAD) -> None:
 def course_modules() -> list[str]:
     """Modules loaded from the course's folders (labkit's, the lessons', the tests'), but the warm grader's own."""
     own = {"__main__", "__mp_main__", "labkit", "labkit.procs", "labkit.warm"}  # __mp_main__: billiard's alias
-    places = {root / folder for root in (Path.cwd().resolve(), HERE) for folder in ("labkit", *COURSE_FOLDERS)}
+    folders = [root / folder for root in (Path.cwd(), HERE) for folder in ("labkit", *COURSE_FOLDERS)]
+    places = tuple({str(place) + os.sep for folder in folders for place in (folder, folder.resolve())})
     found = []
     for name, module in list(sys.modules.items()):
         file = getattr(module, "__file__", None)
-        if name not in own and file and any(place in Path(file).resolve().parents for place in places):
+        if name not in own and file and os.path.abspath(file).startswith(places):
             found.append(name)
     return sorted(found)
 
@@ -331,6 +332,8 @@ def _become(cwd: str, env: dict[str, str], base_path: list[str]) -> None:
     sys.dont_write_bytecode = bool(env.get("PYTHONDONTWRITEBYTECODE"))
     given = [entry for entry in env.get("PYTHONPATH", "").split(os.pathsep) if entry]
     sys.path[:] = [os.getcwd(), *given, *base_path]
+    for name in [name for name in sys.modules if name == "labkit" or name.startswith("labkit.")]:
+        del sys.modules[name]  # the warm grader's own few: labkit comes from this sys.path, as in a new Python
 
 
 def _run_pytest(request: dict, preloaded: frozenset[str], base_path: list[str], socket_path: str) -> int:
