@@ -7,7 +7,8 @@
 Each measurement is a subprocess, as a learner or an instructor runs it:
 - watch, save -> feedback (warm): `python -m labkit watch` on a course of that lesson alone,
   starter code in place; once it is watching, the reference solution is saved into the
-  lesson folder, and the time until watch prints "N/N checks pass" is taken. One watch
+  lesson folder `--read` seconds (default 2) after watch showed the starter's feedback,
+  and the time until watch prints "N/N checks pass" is taken. One watch
   session per save (a passing lesson ends the session); the median of `--saves` is shown.
   Its warm grader and broker were started with the session, as for a learner;
 - `python -m labkit grade --target solutions --lesson NN`, per lesson (the cold way: what
@@ -161,7 +162,7 @@ class WatchSession:
         self.reader.join(10)
 
 
-def time_watch(lesson: Lesson, saves: int, tmp: Path) -> dict:
+def time_watch(lesson: Lesson, saves: int, tmp: Path, read: float) -> dict:
     """Median seconds from saving the solution to watch's feedback, one watch session per save."""
     course = course_of([lesson], tmp / f"watch-{lesson.slug}")
     folder = course / "lessons" / lesson.slug
@@ -174,6 +175,7 @@ def time_watch(lesson: Lesson, saves: int, tmp: Path) -> dict:
         try:
             session.wait_for(f"Watching lessons/{lesson.slug}/")  # the starter was graded
             session.watching()
+            time.sleep(read)  # the learner reads the feedback and edits; meanwhile the next broker starts
             saved = time.monotonic()
             for name in lesson.files:
                 shutil.copyfile(lesson.folder("solutions") / name, folder / name)
@@ -208,6 +210,7 @@ def main() -> None:
     parser.add_argument("--lessons", nargs="*", help="lesson numbers or slugs (default: all in course.toml)")
     parser.add_argument("--repeat", type=int, default=1, help="grade runs per lesson; the median is shown (default 1)")
     parser.add_argument("--saves", type=int, default=5, help="watch saves per lesson; the median is shown (default 5; 0 skips)")
+    parser.add_argument("--read", type=float, default=2.0, help="seconds between watch's feedback and the save (default 2)")
     args = parser.parse_args()
     course = load_course()
     keys = [key for value in args.lessons or [] for key in value.split(",") if key]
@@ -222,7 +225,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="labkit-bench-") as tmp:
         for lesson in lessons:
             cold = time_grade([lesson], args.repeat, Path(tmp))
-            warm = time_watch(lesson, args.saves, Path(tmp)) if args.saves else None
+            warm = time_watch(lesson, args.saves, Path(tmp), args.read) if args.saves else None
             shown = f"{warm['median']:.1f} s ({' '.join(f'{s:.1f}' for s in warm['all'])})" if warm else "-"
             target = verdict(warm["median"], WATCH_TARGET) if warm else verdict(cold["wall"], LESSON_TARGET)
             print(f"| lesson {lesson.number}: save -> feedback (cold: `grade --lesson {lesson.number}`; warm: `watch`, median of {args.saves} saves) | {cold['wall']:.1f} s | {shown} | {cold['result']}; watch: {warm['result'] if warm else '-'} | {target} |", flush=True)  # fmt: skip
