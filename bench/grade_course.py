@@ -212,6 +212,7 @@ def main() -> None:
     parser.add_argument("--saves", type=int, default=5, help="watch saves per lesson; the median is shown (default 5; 0 skips)")
     parser.add_argument("--read", type=float, default=2.0, help="seconds between watch's feedback and the save (default 2)")
     args = parser.parse_args()
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # as on a learner's machine: compiled (and assert-rewritten) files are kept
     course = load_course()
     keys = [key for value in args.lessons or [] for key in value.split(",") if key]
     lessons = [find_lesson(key, course) for key in keys] if keys else course
