@@ -1,27 +1,34 @@
 """Quick feedback for ``watch``: a warm grader, and a fresh broker ready before each save.
 
 A cold grade starts Python, imports pytest, Celery, kombu, redis-py, FastAPI... (1.5-2 s
-on 2 cores) and starts an embedded broker (0.5 s) before its first check runs. In watch
-mode both are ready before the learner saves:
+on 2 cores) and starts an embedded broker (0.5 s) before its first check runs; each
+uvicorn server or ``celery worker`` it starts is one more Python importing it all again
+(1-3 s). In watch mode all of that is ready before the learner saves:
 
 - **The warm grader** is one long-lived child process (``python -m labkit.warm``) that
   has imported those libraries once, and nothing of the course: no lesson, no test
-  file, no labkit module but this one and ``labkit.procs``. It starts no thread. For
-  each grade it forks. The forked child is a copy of that pristine interpreter: it
-  takes the grade's directory, environment and log file, runs ``pytest.main(...)``
-  with the grade's arguments, and exits. Whatever a grade imports, registers or
-  changes (lesson modules, Celery apps and tasks, even an attribute set on an imported
-  library) existed only in that child, so the next grade cannot see it. A grade that
-  runs too long is killed, with its process group, and the warm grader carries on.
+  file, no labkit module but this one and ``labkit.procs`` (and a grade imports even
+  those afresh). It starts no thread. For each grade it forks. The forked child is a
+  copy of that pristine interpreter: it takes the grade's directory, environment,
+  ``sys.path`` and log file, runs ``pytest.main(...)`` with the grade's arguments, and
+  exits. Whatever a grade imports, registers or changes (lesson modules, Celery apps
+  and tasks, even an attribute set on an imported library) existed only in that child,
+  so the next grade cannot see it. A grade that runs too long is killed, with its
+  process group and the processes it started, and the warm grader carries on.
+- **The processes a grade starts** with ``labkit.procs.ChildProcess`` as ``python -m
+  ...`` (``uvicorn api1:app``, ``celery -A tasks worker``) are forks of the warm grader
+  too (``spawn``): same arguments, directory, environment, own session and output
+  pipe as ``subprocess.Popen`` gives, started in a tenth of a second. Each is killed
+  when the grade lets go of it or ends.
 - **A fresh broker per grade**: an embedded broker started right after the previous
   grade (while the learner reads and types), used by one grade, then stopped. A grade
   sees no key, no connection and no queue of an earlier one; a process an earlier grade
   left behind only knows a port where nobody listens any more.
 
-``WarmSession`` holds both; ``grade()`` hands the grader to ``labkit.grade.grade_course``
-as its way to run pytest. If the warm grader dies, that grade runs the cold way (a fresh
+``WarmSession`` holds the grader and the brokers; ``grade()`` hands ``labkit.grade.grade_course``
+its way to run pytest. If the warm grader dies, that grade runs the cold way (a fresh
 ``python -m pytest``) after a one-line note, and a new warm grader is started for the
-next one.
+next one. ``tests/labkit/test_warm.py`` checks the isolation.
 """
 
 from __future__ import annotations
@@ -559,7 +566,10 @@ class WarmProcess:
         self.stdout = open(stdout, encoding=None, errors="replace")  # text, as Popen(text=True, errors="replace")
         self._lines = lines
         self._lock = threading.Lock()
-        self._pidfd = os.pidfd_open(pid)  # signals go to this very process, even if its pid is reused
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)  # signals go to this very process, even if its pid is reused
+        except ProcessLookupError:
+            self._pidfd = None  # it has already ended and been reaped: its exit code is on the way
 
     def poll(self) -> int | None:
         return self._receive(0)
@@ -578,12 +588,13 @@ class WarmProcess:
                 if line is not None:  # b"": the warm grader is gone, and the process with it
                     self.returncode = json.loads(line)["returncode"] if line else -signal.SIGKILL
                     self._lines.conn.close()
-                    os.close(self._pidfd)
+                    if self._pidfd is not None:
+                        os.close(self._pidfd)
             return self.returncode
 
     def send_signal(self, signum: int) -> None:
         with self._lock:
-            if self.returncode is None:
+            if self.returncode is None and self._pidfd is not None:
                 try:
                     signal.pidfd_send_signal(self._pidfd, signum)
                 except ProcessLookupError:
