@@ -233,6 +233,10 @@ class _Client:
         except Exception as exc:  # the connection was killed (CLIENT KILL) or broke
             self.fake.responses.put(exc)
             self.hang_up()
+        if fields[0].upper() == b"SELECT":
+            # fakeredis leaves CLIENT LIST's db=0 for ever; redis-server shows the selected database,
+            # which a stopping test worker relies on to CLIENT UNBLOCK its BRPOP on database 15.
+            self.fake._client_info["db"] = self.fake._db_num
 
     def _hand_over(self, fields: list[bytes]) -> None:
         """Queue a command for this client's own thread (called with self.lock held)."""

@@ -13,6 +13,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from labkit.manifest import Lesson, find_lesson, load_course
 from labkit.settings import LABKIT_HOME, Settings
@@ -69,11 +70,15 @@ def pytest_command(test_files: list[Path], target: str, broker_url: str | None, 
     return command
 
 
-def grade_course(settings: Settings, keys: tuple[str, ...] = ()) -> list[LessonResult]:
+def grade_course(
+    settings: Settings, keys: tuple[str, ...] = (), run: Callable[[list[str], Path, Path, float], str] | None = None
+) -> list[LessonResult]:
     """Grade the lessons named by ``keys`` (all when empty) in one pytest run.
 
     What is graded and where come from ``settings``: the course, the target tree,
     the broker (``redis_url``, else the embedded one) and the run's time limit.
+    ``run`` runs the pytest command instead of ``_run`` (same arguments and answer):
+    ``labkit.warm.WarmSession.run`` runs it in the warm grader.
     """
     root = settings.course
     course = load_course(root / "course.toml")
@@ -85,7 +90,7 @@ def grade_course(settings: Settings, keys: tuple[str, ...] = ()) -> list[LessonR
         results.touch()
         test_files = [path for lesson in lessons for path in lesson.test_files(root)]
         command = pytest_command(test_files, settings.target, settings.redis_url, results, root)
-        problem = _run(command, root, Path(tmp) / "pytest.log", settings.grade_timeout)
+        problem = (run or _run)(command, root, Path(tmp) / "pytest.log", settings.grade_timeout)
         _read(results, by_file)
     for result in graded.values():
         if problem and not result.problem and any(c.status == "not run" for c in result.checks):

@@ -74,6 +74,15 @@ def log_says(text: str) -> ReadyTest:
     return lambda child: text in child.log
 
 
+def _warm_spawn(command: list[str], cwd: Path | str | None, env: dict[str, str]):
+    """In a grade run by ``watch``'s warm grader: a ``python -m`` command forked from it (labkit/warm.py)."""
+    if not os.environ.get("LABKIT_WARM_SOCKET"):
+        return None
+    from labkit.warm import spawn
+
+    return spawn(command, cwd, env)
+
+
 class ChildProcess:
     """One child process: started, logged, waited for, and always stopped."""
 
@@ -128,7 +137,7 @@ class ChildProcess:
 
     def start(self) -> ChildProcess:
         """Start the process and wait until it is ready; raise ProcessError if it never is."""
-        self.process = subprocess.Popen(
+        self.process = _warm_spawn(self.command, self.cwd, self.env) or subprocess.Popen(
             self.command,
             cwd=self.cwd,
             env=self.env,

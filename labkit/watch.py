@@ -7,6 +7,10 @@ learner presses Enter (so an accidental save never skips ahead).
 File events do not fire on some setups (WSL, network drives): ``--poll`` polls
 the files instead, and ``--manual`` grades only when Enter is pressed. Enter
 also grades at once in the default mode.
+
+Grades run in a warm grader (labkit/warm.py: the libraries already imported, each
+grade a fork of that process) on an embedded broker started before the save, so
+feedback comes about 2 s sooner than with ``grade``.
 """
 
 from __future__ import annotations
@@ -18,11 +22,12 @@ from pathlib import Path
 
 import watchfiles
 
-from labkit.grade import LessonResult, grade_course
+from labkit.grade import LessonResult
 from labkit.manifest import Lesson, load_course
 from labkit.settings import Settings
 from labkit.progress import Progress
 from labkit.report import console, describe_failure
+from labkit.warm import WarmSession
 
 QUIT, GRADE = "quit", "grade"
 
@@ -95,7 +100,12 @@ def _python_files(change: watchfiles.Change, path: str) -> bool:
 
 
 def run(settings: Settings, poll: bool = False, manual: bool = False) -> int:
-    root = settings.course
+    # Between saves a warm grader and the next grade's broker wait, ready (labkit/warm.py).
+    with WarmSession(settings, note=lambda text: console.print(text, style="dim", markup=False)) as warm:
+        return _watch(settings.course, poll, manual, warm)
+
+
+def _watch(root: Path, poll: bool, manual: bool, warm: WarmSession) -> int:
     lessons = load_course(root / "course.toml")
     progress = Progress(root)
     keyboard = Keyboard()
@@ -104,9 +114,10 @@ def run(settings: Settings, poll: bool = False, manual: bool = False) -> int:
         lesson = lessons[index]
         before = _stamp(lesson.folder("lessons", root))
         console.print(f"[dim]Grading lesson {lesson.number}…[/]")
-        (result,) = grade_course(settings, (lesson.slug,))
+        (result,) = warm.grade((lesson.slug,))
         progress.record([result])
         show(result, lessons, progress)
+        warm.prepare()  # the next grade's broker starts while the learner reads
         if result.done:
             if index == len(lessons) - 1:
                 console.print("[green]Every lesson is done. Congratulations![/]")

@@ -178,9 +178,12 @@ def _wait_unblocking(done: Callable[[], bool], broker_url: str | None, timeout: 
     """Wait up to ``timeout`` s until ``done()``, cutting short the stopping worker's BRPOP."""
     deadline = time.monotonic() + timeout
     with _Unblocker(broker_url) as unblock:
+        unblocked = 0.0
         while not done() and time.monotonic() < deadline:
-            time.sleep(0.05)
-            unblock()
+            if time.monotonic() - unblocked >= 0.05:  # again, in case the worker started a new BRPOP
+                unblock()
+                unblocked = time.monotonic()
+            time.sleep(0.005)
 
 
 class WorkerProcess(ChildProcess):

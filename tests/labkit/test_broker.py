@@ -108,6 +108,15 @@ def test_client_list_and_info_show_ip_port_addresses(url, r):
     assert info["addr"] in {entry["addr"] for entry in r.client_list()}
 
 
+def test_client_list_shows_the_database_each_client_selected(url):
+    on_15 = redis.Redis.from_url(url.rsplit("/", 1)[0] + "/15", socket_timeout=WAIT, single_connection_client=True)
+    try:
+        listed = {entry["id"]: entry["db"] for entry in on_15.client_list()}
+        assert listed[str(on_15.client_id())] == "15"  # labkit.workers unblocks the BRPOPs of its own database
+    finally:
+        on_15.close()
+
+
 def test_multi_exec_transaction(r):
     with r.pipeline(transaction=True) as pipe:
         pipe.set("balance", 10).incrby("balance", 5).lpush("log", "deposit").get("balance")
