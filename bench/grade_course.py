@@ -205,6 +205,24 @@ def verdict(seconds: float, target: float) -> str:
     return f"< {target:.0f} s: {'yes' if seconds < target else 'NO'}"
 
 
+def time_worker_stops(tmp: Path) -> dict:
+    """Seconds to stop an idle process worker: the default stop (a kill) and a warm shutdown."""
+    from labkit.broker import broker_process
+    from labkit.workers import process_worker
+
+    folder = tmp / "stop-probe"
+    folder.mkdir()
+    (folder / "stop_probe.py").write_text('import os\nfrom celery import Celery\napp = Celery("stop_probe", broker=os.environ["REDIS_URL"])\n')
+    with broker_process() as url:
+        env = {"REDIS_URL": url}
+        with process_worker("stop_probe", folder, concurrency=1, env=env) as worker:
+            started = time.perf_counter()
+        killed = time.perf_counter() - started
+        with process_worker("stop_probe", folder, concurrency=1, env=env) as worker:
+            warm = worker.stop_warm(timeout=15)
+    return {"kill": killed, "warm": warm}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, default=20, help="submissions in the gradebook run (default 20; 0 skips it)")
@@ -235,6 +253,8 @@ def main() -> None:
             cold = time_grade(lessons, args.repeat, Path(tmp))
             warm = time_warm_grade(lessons, args.repeat)
             print(f"| {len(lessons)} lessons together (cold: `grade`; warm: the warm grader, ready) | {cold['wall']:.1f} s | {warm['wall']:.1f} s | {cold['result']}; warm: {warm['result']} | |", flush=True)  # fmt: skip
+        stops = time_worker_stops(Path(tmp))
+        print(f"| a `celery worker` process (prefork, 1 slot) stopped at a check's end: kill / warm shutdown | {stops['kill']:.2f} s | {stops['warm']:.2f} s | | < 0.5 s / bounded |", flush=True)  # fmt: skip
         if args.copies:
             book = time_gradebook(lessons, args.copies, Path(tmp))
             target = BOOK_TARGET * args.copies / 20
