@@ -367,14 +367,17 @@ def shorten(line: str, width: int = 160) -> str:
 
 
 def in_the_worker(run: Run, todo: int) -> str:
-    """What the worker's log says went wrong in the student's handlers, as a sentence ('' if nothing)."""
-    errors = run.handler_errors()
-    if not errors:
-        return ""
-    undone = [error for error in errors if "NotImplementedError" in error]
-    if undone:
-        return f"In the worker, {undone[0]}: that TODO is still to do. "
-    return f"In the worker (its log), your signal handler {errors[0]}: fix it (TODO {todo}). "
+    """What the worker's log says went wrong in the student's handlers, as a sentence ('' if nothing).
+
+    A handler's NotImplementedError counts only for its own TODO: TODO 3 adds handlers of its own.
+    """
+    for error in run.handler_errors():
+        undone = re.search(r"NotImplementedError\('TODO (\d+)'\)", error)
+        if not undone:
+            return f"In the worker (its log), your signal handler {error}: fix it (TODO {todo}). "
+        if int(undone.group(1)) == todo or todo == 4:  # TODO 4's line is logged after TODO 2's code
+            return f"In the worker, {error}: that TODO is still to do. "
+    return ""
 
 
 def why_nothing(run: Run, todo: int) -> str:
@@ -382,24 +385,23 @@ def why_nothing(run: Run, todo: int) -> str:
     said = in_the_worker(run, todo)
     if said:
         return said
-    others = [key for key in run.keys if not key.startswith("metrics:")]
-    if any(key.startswith("metrics:") for key in run.keys):
+    read = {f"metrics:{name}" for name in run.metrics}
+    elsewhere = [key for key in run.keys if key.startswith("metrics") and key not in read]
+    if elsewhere:
         return (
-            f"Redis holds {[k for k in run.keys if k.startswith('metrics:')]}, but task_metrics() reads the hash "
-            "metrics:<task name>, the name with its module, e.g. 'metrics:monitoring1.resize_image'. "
+            f"Redis holds {elsewhere}, but task_metrics() reads the hashes metrics:<task name>, the name with its "
+            "module, e.g. 'metrics:monitoring1.resize_image' (or change task_metrics to read yours). "
         )
-    handlers = sorted({name for names in run.handlers.values() for name in names})
-    if not handlers:
+    if not any(run.handlers.values()):
         return (
             "None of your functions is connected to a task signal any more: a handler defined inside another "
-            "function (or a lambda) is held by a weak reference and garbage-collected, silently. Define handlers at "
-            "module level, or connect them with weak=False. "
+            "function (or a lambda) is held by a weak reference, garbage-collected, and never runs. Define handlers "
+            "at module level, or connect them with weak=False. "
         )
-    where = f" (Redis has only {others})" if others else ""
     return (
-        f"Your handlers {handlers} are connected, but nothing reached Redis{where}: counters kept in a Python "
-        "dict live in each prefork pool process, where no dashboard (and not the grader) can read them. "
-        "Keep them in Redis. "
+        "No count reached Redis: keep them there, in the task's hash (a dict lives in each prefork pool process, "
+        "out of everyone's reach), and define each handler at module level (one defined inside a function, or a "
+        "lambda, is held by a weak reference and never runs). "
     )
 
 
