@@ -152,14 +152,25 @@ def flower_process(module: str, cwd: Path, env: dict[str, str] | None = None) ->
     return flower
 
 
-def wait_for_flower(flower: ChildProcess, client: redis.Redis, timeout: float = 20.0) -> None:
-    """Wait until Flower answers HTTP and its event receiver has bound a queue to the `celeryev` exchange.
+def listening_for_events(client: redis.Redis) -> bool:
+    """Has a connection to this database subscribed to the event channels (`PSUBSCRIBE /<db>.celeryev/*`)?
 
-    Events are not kept for a receiver that is not there yet: a task that ran before the
-    binding existed never reaches Flower.
+    On Redis, an event is a PUBLISH: only a subscriber connected at that moment gets it. Flower
+    declares its event queue, then subscribes a moment later (50-100 ms, measured). redis-server
+    shows each connection's pattern subscriptions (CLIENT LIST, `psub`); the embedded broker does
+    not, but it serves this grading run alone, so any pattern subscription (PUBSUB NUMPAT) is Flower's.
     """
+    database = str(client.connection_pool.connection_kwargs.get("db", 0))
+    clients = client.client_list()
+    if any(int(info.get("psub") or 0) for info in clients):
+        return any(info.get("db") == database and int(info.get("psub") or 0) for info in clients)
+    return bool(client.smembers("_kombu.binding.celeryev")) and int(client.execute_command("PUBSUB", "NUMPAT")) > 0
+
+
+def wait_for_flower(flower: ChildProcess, client: redis.Redis, timeout: float = 20.0) -> None:
+    """Wait until Flower answers HTTP and listens for events: events published before that never reach it."""
     deadline = time.monotonic() + timeout
-    while not (accepts_connections(flower.port) and client.smembers("_kombu.binding.celeryev")):
+    while not (accepts_connections(flower.port) and listening_for_events(client)):
         if not flower.alive:
             raise ProcessError(f"`{flower.shown}` exited (code {flower.returncode}). Its last lines:\n{flower.tail()}")
         if time.monotonic() > deadline:
