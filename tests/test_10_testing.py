@@ -18,6 +18,8 @@ runs side by side never take each other's tasks. The runs happen once, for all t
 Feedback describes a surviving bug in words, never by its code.
 """
 
+from __future__ import annotations
+
 import ast
 import json
 import re
@@ -67,7 +69,7 @@ MUTANTS = [
     pytest.param(
         Mutant(
             "quantity",
-            "order_total counts each line once, whatever its quantity (3 apples cost as much as 1)",
+            "order_total counts each line once, whatever its quantity: 3 apples cost as much as 1",
             (("sum(quantity * unit_price for", "sum(unit_price for"),),
         ),
         marks=pytest.mark.task(1),
@@ -76,7 +78,7 @@ MUTANTS = [
     pytest.param(
         Mutant(
             "euros",
-            "charge_card asks the gateway for the amount in euros, not cents (3.9 for an order of 390 cents)",
+            "charge_card asks the gateway for the amount in euros, not cents: 3.9 for an order of 390 cents",
             (('"amount": amount_cents,', '"amount": amount_cents / 100,'),),
         ),
         marks=pytest.mark.task(2),
@@ -142,7 +144,7 @@ class Run:
 
     version: str
     folder: Path
-    outcomes: dict[str, tuple[str, str]] = field(default_factory=dict)  # test -> (passed|failed|skipped, message)
+    outcomes: dict[str, Outcome] = field(default_factory=dict)  # by test name
     problem: str = ""  # the run itself went wrong: not collected, did not finish...
 
     def read(self) -> None:
@@ -154,28 +156,42 @@ class Run:
         output = self.folder / "output.txt"
         tail = output.read_text(encoding="utf-8", errors="replace").splitlines()[-6:] if output.exists() else []
         last_lines = " ".join(line.strip() for line in tail if line.strip())
+        collect_error = self.outcomes.pop(Path(TESTS).stem, None)  # how JUnit reports a collection error
         if code is None:
-            self.problem = f"the tests had not finished after {RUN_TIMEOUT:g} s (a test that waits without a timeout?)"
+            self.problem = f"they had not finished after {RUN_TIMEOUT:g} s (does a test wait without a timeout?)"
+        elif collect_error is not None:
+            self.problem = f"pytest could not collect {TESTS}: {collect_error.last_error_line()}"
         elif code == 5 or (code == 0 and not self.outcomes):
             self.problem = f"pytest found no test in {TESTS}: test functions are named test_…"
         elif code not in (0, 1) or not self.outcomes:
-            self.problem = f"pytest could not run {TESTS} (exit {code}): {last_lines[-400:]}"
+            self.problem = f"pytest ended with exit code {code}: {last_lines[-300:]}"
 
 
-def read_junit(path: Path) -> dict[str, tuple[str, str]]:
-    """{test name: (status, first line of its failure)} from pytest's JUnit XML report."""
+@dataclass
+class Outcome:
+    status: str  # passed | failed | skipped
+    message: str = ""  # pytest's one-line summary of the failure
+    details: str = ""  # the traceback
+
+    def last_error_line(self) -> str:
+        """The "E   ..." line pytest ends a traceback with: the error itself."""
+        errors = [line[1:].strip() for line in self.details.splitlines() if line.startswith("E ")]
+        return (errors or [self.message or "(no message)"])[-1][:300]
+
+
+def read_junit(path: Path) -> dict[str, Outcome]:
+    """{test name: Outcome} from pytest's JUnit XML report."""
     outcomes = {}
     for case in ElementTree.parse(path).getroot().iter("testcase"):
         classname = case.get("classname", "")
         prefix = classname.split(".", 1)[1] + "." if "." in classname else ""  # a test class
-        status, message = "passed", ""
+        outcome = Outcome("passed")
         for child in case:
-            if child.tag in ("failure", "error"):
-                status = "failed"
-                message = message or (child.get("message") or child.text or "").strip()
-            elif child.tag == "skipped" and status == "passed":
-                status = "skipped"
-        outcomes[prefix + case.get("name", "?")] = (status, message)
+            if child.tag in ("failure", "error") and outcome.status != "failed":
+                outcome = Outcome("failed", (child.get("message") or "").strip(), child.text or "")
+            elif child.tag == "skipped" and outcome.status == "passed":
+                outcome = Outcome("skipped", (child.get("message") or "").strip())
+        outcomes[prefix + case.get("name", "?")] = outcome
     return outcomes
 
 
@@ -257,32 +273,37 @@ PYTEST_ARGS = [
 @dataclass
 class Results:
     runs: dict[str, Run]
-    edited: bool  # the graded tree's orders10.py differs from the course's copy
+    edited: bool = False  # the graded tree's orders10.py differs from the course's copy
+    problem: str = ""  # nothing could run: every check fails with this (a fixture that raised would
+    # show it to the first check only)
 
     @property
     def correct(self) -> Run:
         return self.runs["correct"]
 
-    def failing_on_correct(self) -> list[tuple[str, str]]:
-        return [(test, message) for test, (status, message) in self.correct.outcomes.items() if status != "passed"]
+    def failing_on_correct(self) -> list[tuple[str, Outcome]]:
+        return [(test, outcome) for test, outcome in self.correct.outcomes.items() if outcome.status != "passed"]
 
     def vacuous(self) -> list[str]:
-        """Tests that pass on the correct module and on the hollow one: they check nothing."""
-        hollow_outcomes = self.runs["hollow"].outcomes
-        return [t for t, (s, _) in self.correct.outcomes.items() if s == "passed" and hollow_outcomes.get(t, ("",))[0] == "passed"]
+        """Tests that pass on the correct module and on the hollow one too: they check nothing."""
+        on_hollow = self.runs["hollow"].outcomes
+        return [test for test in self._passing() if test in on_hollow and on_hollow[test].status == "passed"]
 
     def counting(self) -> list[str]:
-        """Tests that pass on the correct module and fail on the hollow one."""
+        """Tests that pass on the correct module and fail (or cannot run) on the hollow one."""
         vacuous = set(self.vacuous())
-        return [t for t, (s, _) in self.correct.outcomes.items() if s == "passed" and t not in vacuous]
+        return [test for test in self._passing() if test not in vacuous]
+
+    def _passing(self) -> list[str]:
+        return [test for test, outcome in self.correct.outcomes.items() if outcome.status == "passed"]
 
     def caught(self, mutant: Mutant) -> bool:
-        run = self.runs[mutant.name]
-        if self.correct.problem or self.runs["hollow"].problem:
-            return False
-        if run.problem and not run.outcomes:
-            return bool(self.counting())  # the suite crashed or hung on this copy: that is not a pass
-        return any(run.outcomes.get(test, ("missing",))[0] != "passed" for test in self.counting())
+        """Some test that counts does not pass on the mutant (or the run could not finish there)."""
+        counting = [] if self.correct.problem else self.counting()
+        outcomes = self.runs[mutant.name].outcomes
+        if not outcomes:
+            return bool(counting)  # the suite crashed or hung on this copy: that is not a pass
+        return any(test not in outcomes or outcomes[test].status != "passed" for test in counting)
 
 
 @pytest.fixture(scope="module")
@@ -294,15 +315,19 @@ def results(request: pytest.FixtureRequest, target: str, course_root: Path, brok
     if target == "solutions":  # the course's own CI: the three copies of orders10 must agree
         for copy in (graded_module, lesson.folder("lessons", course_root) / f"{MODULE}.py"):
             if copy.read_text(encoding="utf-8") != reference:
-                fail(f"{copy} differs from {REFERENCE}: the course keeps three identical copies of orders10.py.")
+                return Results({}, problem=f"{copy} differs from {REFERENCE}: the course keeps three identical copies.")
     tests_file = folder / TESTS
     if not tests_file.exists():
-        fail(f"{target}/{lesson.slug}/{TESTS} is missing: `make reset LESSON={lesson.number}` brings back the starter file.")
+        return Results({}, problem=f"{target}/{lesson.slug}/{TESTS} is missing: `make reset LESSON={lesson.number}` brings back the starter file.")
     edited = not graded_module.exists() or graded_module.read_text(encoding="utf-8") != reference
     versions = {"correct": reference, "hollow": hollow(reference)}
     versions.update({param.values[0].name: param.values[0].source(reference) for param in MUTANTS})
     root = tmp_path_factory.mktemp("lesson10-runs")
     tests_source = tests_file.read_text(encoding="utf-8")
+    try:
+        ast.parse(tests_source)
+    except SyntaxError as exc:
+        return Results({}, problem=f"{target}/{lesson.slug}/{TESTS} has a SyntaxError on line {exc.lineno}: {exc.msg}. Fix it, then grade again.")
     runs = {version: prepare_run(version, source, tests_source, broker_url, root) for version, source in versions.items()}
     command = [sys.executable, "-c", RUNNER, json.dumps(PYTEST_ARGS), *(str(run.folder) for run in runs.values())]
     # Nothing of the course on the path: each run imports orders10 from its own folder.
@@ -311,26 +336,40 @@ def results(request: pytest.FixtureRequest, target: str, course_root: Path, brok
         runner.wait(RUN_TIMEOUT)
     for run in runs.values():
         run.read()
-    return Results(runs, edited)
+    return Results(runs, edited=edited)
 
 
-def shown(test: str, message: str) -> str:
-    """One failing test in a line: its name and the first line of its error."""
-    line = (message.strip().splitlines() or ["(no message)"])[0]
-    line = re.sub(r'^failed on (setup|teardown) with "(.*?)"?$', r"\2 (in a fixture)", line)
+# What a failing test's error usually means here: (text in the error, what to say).
+HINTS = [
+    ("could not reach the payment gateway", "the test reached for the real payment gateway; replace it where orders10 looks it up (TODO 2)"),
+    ("celery.ping", "start_worker's ping check needs Celery's own ping task; pass perform_ping_check=False (TODO 3)"),
+    ("TimeoutError: The operation timed out", "no worker ran the task in time; does yours take the queue place_order is routed to (TODO 3)?"),
+    ("Timeout >", f"the test ran over {TEST_TIMEOUT} s; does it wait for something without a timeout?"),
+]
+
+
+def shown(test: str, outcome: Outcome) -> str:
+    """One failing test in a line: its name, its error, and what that error usually means here."""
+    line = (outcome.message.splitlines() or [outcome.last_error_line()])[0]
+    fixture = re.match(r'^failed on (?:setup|teardown) with "(.*?)"?$', line)
+    line, where = (fixture.group(1), " in a fixture") if fixture else (line, "")
     todo = re.search(r"NotImplementedError: TODO (\d+)", line)
     if todo:
-        return f"{test} raised NotImplementedError (TODO {todo.group(1)} is still to do)"
-    return f"{test}: {line[:200]}"
+        return f"{test} raised NotImplementedError{where}: TODO {todo.group(1)} is still to do"
+    text = f"{outcome.message}\n{outcome.details}"
+    meaning = next((f": {hint}" for clue, hint in HINTS if clue in text), "")
+    return f"{test} failed with {line[:200].rstrip('.')}{where}{meaning}"
 
 
 def edited_note(results: Results) -> str:
     if not results.edited:
         return ""
-    return f" (Your {MODULE}.py differs from the course's copy: the grader tests against the course's. Do not edit it.)"
+    return f" (Your {MODULE}.py differs from the course's copy, so the grader tests the course's: leave it as it is.)"
 
 
 def test_your_tests_pass_against_the_correct_module(results):
+    if results.problem:
+        fail(results.problem)
     correct = results.correct
     if correct.problem:
         fail(f"Your tests could not run against the correct {MODULE}: {correct.problem}.{edited_note(results)}")
@@ -349,26 +388,30 @@ def test_your_tests_pass_against_the_correct_module(results):
         )
 
 
-def why_nothing_counts(results: Results) -> str:
-    """Why tests did not count, in a few words ('' when every test counts)."""
+def not_counted(results: Results) -> str:
+    """Which of the student's tests count for nothing, and why, in a sentence or two ('' if all count)."""
     if results.correct.problem:
-        return f": they could not run against the correct {MODULE} ({results.correct.problem})"
+        return f" Your tests could not run against the correct {MODULE} (see the first check)."
     failing, vacuous = results.failing_on_correct(), results.vacuous()
-    reasons = []
+    words = ""
     if failing:
-        reasons.append(f"{len(failing)} of them fail against the correct {MODULE}, so they count for nothing")
+        words += f" {len(failing)} of your tests fail against the correct {MODULE}, so they count for nothing (see the first check)."
     if vacuous:
-        reasons.append(f"{', '.join(vacuous[:3])} pass against a hollow {MODULE} too (every function returns None), so they count for nothing")
-    return f" ({'; '.join(reasons)})" if reasons else ""
+        names = ", ".join(vacuous[:3]) + (" and more" if len(vacuous) > 3 else "")
+        verb, pronoun = ("passes", "it counts") if len(vacuous) == 1 else ("pass", "they count")
+        words += f" {names} {verb} against a hollow {MODULE} too, where every function returns None: {pronoun} for nothing."
+    return words
 
 
 @pytest.mark.parametrize("mutant", MUTANTS)
 def test_planted_bug_is_caught(results, mutant, request):
+    if results.problem:
+        fail(results.problem)
     if results.caught(mutant):
         return
     todo = request.node.get_closest_marker("task").args[0]
-    survivors = [param.values[0] for param in MUTANTS if not results.caught(param.values[0])]
+    survivors = sum(not results.caught(param.values[0]) for param in MUTANTS)
     fail(
         f"Survived: {mutant.bug} (TODO {todo}). No test of yours fails against {MODULE} with this bug planted.\n"
-        f"{len(survivors)} of {len(MUTANTS)} planted bugs survive your tests{why_nothing_counts(results)}."
+        f"{survivors} of {len(MUTANTS)} planted bugs survive your tests.{not_counted(results)}"
     )
