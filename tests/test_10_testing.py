@@ -42,12 +42,14 @@ REFERENCE = Path(__file__).parent / "mutants_10_testing" / f"{MODULE}.py"
 RUN_TIMEOUT = 40.0  # seconds for all the runs together
 TEST_TIMEOUT = 15  # seconds for one of the student's tests (pytest-timeout, in the child)
 
-# The child's whole pytest configuration: none of the course's (no -p labkit.fixtures, warnings
-# stay warnings). celery.contrib.pytest is loaded for it, so its fixtures work without a line.
+# The child's whole pytest configuration, that of lessons/10_testing/pytest.ini: none of the course's
+# (no -p labkit.fixtures, warnings stay warnings), and celery.contrib.pytest loaded (PYTEST_ARGS).
 PYTEST_INI = f"""\
 [pytest]
 timeout = {TEST_TIMEOUT}
 junit_family = xunit2
+filterwarnings =
+    ignore:Call to deprecated setex:DeprecationWarning
 """
 
 

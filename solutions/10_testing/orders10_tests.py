@@ -5,7 +5,7 @@ Usage (two terminals, both in this folder)::
     python -m labkit broker                          # 1. prints a REDIS_URL
     export REDIS_URL=redis://127.0.0.1:PORT/0        # 2. then run the tests
     python -m pytest orders10_tests.py -q
-    6 passed in 2.31s
+    6 passed in 2.63s
 
 The grader runs this file against orders10.py, where every test must pass, and against
 copies of orders10.py with one planted bug each, where at least one test must fail.
