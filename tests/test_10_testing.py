@@ -44,12 +44,15 @@ TEST_TIMEOUT = 15  # seconds for one of the student's tests (pytest-timeout, in 
 
 # The child's whole pytest configuration, that of lessons/10_testing/pytest.ini: none of the course's
 # (no -p labkit.fixtures, warnings stay warnings), and celery.contrib.pytest loaded (PYTEST_ARGS).
+# The runner below imports pytest's plugins before pytest starts, so pytest cannot rewrite their
+# asserts and says so; the student's file is imported by pytest, and its asserts are rewritten.
 PYTEST_INI = f"""\
 [pytest]
 timeout = {TEST_TIMEOUT}
 junit_family = xunit2
 filterwarnings =
     ignore:Call to deprecated setex:DeprecationWarning
+    ignore:Module already imported so cannot be rewritten:pytest.PytestAssertRewriteWarning
 """
 
 
@@ -164,7 +167,7 @@ class Run:
         elif collect_error is not None:
             self.problem = f"pytest could not collect {TESTS}: {collect_error.last_error_line()}"
         elif code == 5 or (code == 0 and not self.outcomes):
-            self.problem = f"pytest found no test in {TESTS}: test functions are named test_…"
+            self.problem = f"pytest found no test in {TESTS} (a test is a function whose name starts with test_)"
         elif code not in (0, 1) or not self.outcomes:
             self.problem = f"pytest ended with exit code {code}: {last_lines[-300:]}"
 
@@ -346,7 +349,7 @@ HINTS = [
     ("could not reach the payment gateway", "the test reached for the real payment gateway; replace it where orders10 looks it up (TODO 2)"),
     ("celery.ping", "start_worker's ping check needs Celery's own ping task; pass perform_ping_check=False (TODO 3)"),
     ("TimeoutError: The operation timed out", "no worker ran the task in time; does yours take the queue place_order is routed to (TODO 3)?"),
-    ("Timeout >", f"the test ran over {TEST_TIMEOUT} s; does it wait for something without a timeout?"),
+    ("from pytest-timeout", f"the test ran over {TEST_TIMEOUT} s; does it wait for something without a timeout?"),
 ]
 
 
@@ -361,6 +364,11 @@ def shown(test: str, outcome: Outcome) -> str:
     text = f"{outcome.message}\n{outcome.details}"
     meaning = next((f": {hint}" for clue, hint in HINTS if clue in text), "")
     return f"{test} failed with {line[:200].rstrip('.')}{where}{meaning}"
+
+
+def of(count: int, total: int, noun: str) -> str:
+    """ "1 of your 6 tests fails", "2 of your 6 tests fail" """
+    return f"{count} of your {total} {noun}{'s' if total != 1 else ''} fail{'s' if count == 1 else ''}"
 
 
 def edited_note(results: Results) -> str:
@@ -379,8 +387,8 @@ def test_your_tests_pass_against_the_correct_module(results):
     if failing:
         more = f"; and {len(failing) - 1} more" if len(failing) > 1 else ""
         fail(
-            f"{len(failing)} of your {len(correct.outcomes)} tests fail against the correct {MODULE}, where every "
-            f"test must pass: {shown(*failing[0])}{more}.{edited_note(results)}"
+            f"{of(len(failing), len(correct.outcomes), 'test')} against the correct {MODULE}, where every test "
+            f"must pass: {shown(*failing[0])}{more}.{edited_note(results)}"
         )
     if not results.counting():
         fail(
@@ -397,7 +405,8 @@ def not_counted(results: Results) -> str:
     failing, vacuous = results.failing_on_correct(), results.vacuous()
     words = ""
     if failing:
-        words += f" {len(failing)} of your tests fail against the correct {MODULE}, so they count for nothing (see the first check)."
+        they = "it counts" if len(failing) == 1 else "they count"
+        words += f" {of(len(failing), len(results.correct.outcomes), 'test')} against the correct {MODULE}, so {they} for nothing (see the first check)."
     if vacuous:
         names = ", ".join(vacuous[:3]) + (" and more" if len(vacuous) > 3 else "")
         verb, pronoun = ("passes", "it counts") if len(vacuous) == 1 else ("pass", "they count")
