@@ -424,5 +424,6 @@ def test_planted_bug_is_caught(results, mutant, request):
     survivors = sum(not results.caught(param.values[0]) for param in MUTANTS)
     fail(
         f"Survived: {mutant.bug} (TODO {todo}). No test of yours fails against {MODULE} with this bug planted.\n"
-        f"{survivors} of {len(MUTANTS)} planted bugs survive your tests.{not_counted(results)}"
+        f"{survivors} of {len(MUTANTS)} planted bugs {'survives' if survivors == 1 else 'survive'} your tests."
+        f"{not_counted(results)}"
     )
