@@ -74,7 +74,8 @@ def test_place_order_charges_the_order_total_once(gateway):
 @pytest.fixture(scope="module")
 def worker():
     """A real worker for orders10.app, in a thread of this process, for the tests that need one."""
-    with start_worker(orders10.app, pool="solo", perform_ping_check=False, queues=["celery", "orders"]) as running:
+    queues = ["celery", "orders"]
+    with start_worker(orders10.app, pool="solo", perform_ping_check=False, queues=queues) as running:
         yield running
 
 
