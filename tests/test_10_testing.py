@@ -11,10 +11,10 @@ against each version of orders10.py:
 - one copy per planted bug (MUTANTS). A bug is caught when a test that counts (passes on the
   correct module, fails on the hollow one) fails on its copy.
 
-Each version goes, under the name orders10.py, into a folder of its own that is first on
-PYTHONPATH, next to a copy of the student's file. Each run has its own key prefix on the broker
-(ORDERS_KEY_PREFIX, which orders10 passes to kombu as global_keyprefix), so the worker threads of
-runs side by side never take each other's tasks. The runs happen once, for all the checks.
+Each version goes, under the name orders10.py, into a folder of its own that comes first on the
+run's import path (sys.path, as PYTHONPATH would put it), next to a copy of the student's file.
+Each run has its own key prefix on the broker (ORDERS_KEY_PREFIX, which orders10 passes to kombu
+as global_keyprefix), so the worker threads of runs side by side never take each other's tasks. The runs happen once, for all the checks.
 Feedback describes a surviving bug in words, never by its code.
 """
 
@@ -93,7 +93,12 @@ MUTANTS = [
         Mutant(
             "twice",
             "place_order sends the charge to the gateway twice: the customer pays twice",
-            (("        charge_id = charge_card(", "        charge_card(order_id, total)\n        charge_id = charge_card("),),
+            (
+                (
+                    "        charge_id = charge_card(",
+                    "        charge_card(order_id, total)\n        charge_id = charge_card(",
+                ),
+            ),
         ),
         marks=pytest.mark.task(2),
         id="charged-twice",
@@ -115,7 +120,12 @@ MUTANTS = [
         Mutant(
             "swallowed",
             "place_order swallows a declined card: the task succeeds with None, as if the order were placed",
-            (("    except GatewayDown as exc:", "    except CardDeclined:\n        return None\n    except GatewayDown as exc:"),),
+            (
+                (
+                    "    except GatewayDown as exc:",
+                    "    except CardDeclined:\n        return None\n    except GatewayDown as exc:",
+                ),
+            ),
         ),
         marks=pytest.mark.task(4),
         id="declined-card-swallowed",
@@ -272,6 +282,7 @@ def prepare_run(version: str, source: str, tests_source: str, broker_url: str, r
     return Run(version, folder)
 
 
+# anyio's plugin (it comes with the notebooks' Jupyter) is left out: 0.2 s of imports per run, unused.
 PYTEST_ARGS = [
     TESTS, "-c", "pytest.ini", "-q", "--no-header", "-p", "no:cacheprovider", "-p", "no:anyio",
     "-p", "celery.contrib.pytest", "--junitxml=junit.xml",
@@ -315,7 +326,8 @@ class Results:
 
 
 @pytest.fixture(scope="module")
-def results(request: pytest.FixtureRequest, target: str, course_root: Path, broker_url: str, tmp_path_factory) -> Results:
+def results(target: str, course_root: Path, broker_url: str, tmp_path_factory: pytest.TempPathFactory) -> Results:
+    """The student's file, run once against every version of orders10: what all the checks read."""
     lesson = lesson_of_test_file(Path(__file__).stem, load_course(course_root / "course.toml"))
     folder = lesson.folder(target, course_root)
     reference = REFERENCE.read_text(encoding="utf-8")
@@ -323,10 +335,10 @@ def results(request: pytest.FixtureRequest, target: str, course_root: Path, brok
     if target == "solutions":  # the course's own CI: the three copies of orders10 must agree
         for copy in (graded_module, lesson.folder("lessons", course_root) / f"{MODULE}.py"):
             if copy.read_text(encoding="utf-8") != reference:
-                return Results({}, problem=f"{copy} differs from {REFERENCE}: the course keeps three identical copies.")
-    tests_file = folder / TESTS
+                return Results({}, problem=f"{copy} differs from {REFERENCE}: the three copies must be the same.")
+    tests_file, shown_file = folder / TESTS, f"{target}/{lesson.slug}/{TESTS}"
     if not tests_file.exists():
-        return Results({}, problem=f"{target}/{lesson.slug}/{TESTS} is missing: `make reset LESSON={lesson.number}` brings back the starter file.")
+        return Results({}, problem=f"{shown_file} is missing: `make reset LESSON={lesson.number}` brings back the starter.")
     edited = not graded_module.exists() or graded_module.read_text(encoding="utf-8") != reference
     versions = {"correct": reference, "hollow": hollow(reference)}
     versions.update({param.values[0].name: param.values[0].source(reference) for param in MUTANTS})
@@ -335,11 +347,12 @@ def results(request: pytest.FixtureRequest, target: str, course_root: Path, brok
     try:
         ast.parse(tests_source)
     except SyntaxError as exc:
-        return Results({}, problem=f"{target}/{lesson.slug}/{TESTS} has a SyntaxError on line {exc.lineno}: {exc.msg}. Fix it, then grade again.")
-    runs = {version: prepare_run(version, source, tests_source, broker_url, root) for version, source in versions.items()}
+        problem = f"{shown_file} has a SyntaxError on line {exc.lineno}: {exc.msg}. Fix it, then grade again."
+        return Results({}, problem=problem)
+    runs = {name: prepare_run(name, source, tests_source, broker_url, root) for name, source in versions.items()}
     command = [sys.executable, "-c", RUNNER, json.dumps(PYTEST_ARGS), *(str(run.folder) for run in runs.values())]
-    # Nothing of the course on the path: each run imports orders10 from its own folder.
-    runner = ChildProcess(command, name="lesson10-runner", cwd=root, env={"PYTHONPATH": "", "PYTHONDONTWRITEBYTECODE": "1"}, stop_signal=signal.SIGKILL)
+    env = {"PYTHONPATH": "", "PYTHONDONTWRITEBYTECODE": "1"}  # nothing of the course: orders10 comes from each folder
+    runner = ChildProcess(command, name="lesson10-runner", cwd=root, env=env, stop_signal=signal.SIGKILL)
     with runner:  # stopped on the way out: SIGKILL to its process group, forks included
         runner.wait(RUN_TIMEOUT)
     for run in runs.values():
@@ -349,9 +362,15 @@ def results(request: pytest.FixtureRequest, target: str, course_root: Path, brok
 
 # What a failing test's error usually means here: (text in the error, what to say).
 HINTS = [
-    ("could not reach the payment gateway", "the test reached for the real payment gateway; replace it where orders10 looks it up (TODO 2)"),
+    (
+        "could not reach the payment gateway",
+        "the test reached for the real payment gateway; replace it where orders10 looks it up (TODO 2)",
+    ),
     ("celery.ping", "start_worker's ping check needs Celery's own ping task; pass perform_ping_check=False (TODO 3)"),
-    ("TimeoutError: The operation timed out", "no worker ran the task in time; does yours take the queue place_order is routed to (TODO 3)?"),
+    (
+        "TimeoutError: The operation timed out",
+        "no worker ran the task in time; does yours take the queue place_order is routed to (TODO 3)?",
+    ),
     ("from pytest-timeout", f"the test ran over {TEST_TIMEOUT} s; does it wait for something without a timeout?"),
 ]
 
@@ -409,7 +428,8 @@ def not_counted(results: Results) -> str:
     words = ""
     if failing:
         they = "it counts" if len(failing) == 1 else "they count"
-        words += f" {of(len(failing), len(results.correct.outcomes), 'test')} against the correct {MODULE}, so {they} for nothing (see the first check)."
+        failing_ones = of(len(failing), len(results.correct.outcomes), "test")
+        words += f" {failing_ones} against the correct {MODULE}, so {they} for nothing (see the first check)."
     if vacuous:
         names = ", ".join(vacuous[:3]) + (" and more" if len(vacuous) > 3 else "")
         verb, pronoun = ("passes", "it counts") if len(vacuous) == 1 else ("pass", "they count")
