@@ -14,8 +14,9 @@ against each version of orders10.py:
 Each version goes, under the name orders10.py, into a folder of its own that comes first on the
 run's import path (sys.path, as PYTHONPATH would put it), next to a copy of the student's file.
 Each run has its own key prefix on the broker (ORDERS_KEY_PREFIX, which orders10 passes to kombu
-as global_keyprefix), so the worker threads of runs side by side never take each other's tasks. The runs happen once, for all the checks.
-Feedback describes a surviving bug in words, never by its code.
+as global_keyprefix), so the worker threads of runs side by side never take each other's tasks.
+The runs happen once, for all the checks. Feedback describes a surviving bug in words, never by
+its code.
 """
 
 from __future__ import annotations
