@@ -186,7 +186,7 @@ def exercise_todos(lesson: Lesson, root: Path) -> tuple[set[int], list[str]]:
                     in_file.add(int(match.group(1)))
                 else:
                     found.append(f"{where}, line {line_number}: write the TODO as `# TODO n: <what to do>`, numbered like the README's tasks")
-        if not in_file:
+        if not in_file and not provided(lesson, name, root):
             found.append(f"{where} has no `# TODO n:`: mark what the student must change, numbered from 1")
         for todo in sorted({int(n) for n in TODO_RAISE.findall(text)} - in_file):
             found.append(f'{where} raises NotImplementedError("TODO {todo}") but has no `# TODO {todo}:` comment: add it, or fix the number')
@@ -197,6 +197,18 @@ def exercise_todos(lesson: Lesson, root: Path) -> tuple[set[int], list[str]]:
             f"({_gaps(numbers)})"
         )
     return numbers, found
+
+
+def provided(lesson: Lesson, name: str, root: Path) -> bool:
+    """A file the lesson hands out complete (a module to read or to test, not to edit): it has no
+    TODO and is the same in lessons/ and solutions/, since there is nothing in it to solve."""
+    ours, theirs = lesson.folder("lessons", root) / name, lesson.folder("solutions", root) / name
+    return ours.exists() and theirs.exists() and ours.read_bytes() == theirs.read_bytes()
+
+
+def defines_tests(module: ast.Module) -> bool:
+    """A file of tests (top-level ``def test_…``): pytest runs it, so it may import pytest."""
+    return any(isinstance(node, ast.FunctionDef) and node.name.startswith("test_") for node in module.body)
 
 
 def comments(source: str) -> list[tuple[int, str]]:
@@ -303,7 +315,8 @@ def your_turn_tasks(markdown: str) -> list[int] | None:
 
 
 def import_problems(lesson: Lesson, root: Path) -> list[str]:
-    """Lesson and solution files run without the harness: no labkit (or pytest) import."""
+    """Lesson and solution files run without the harness: no labkit import, and no pytest import
+    outside a file of tests (a testing lesson's exercise is a test file, and pytest runs it)."""
     found = []
     for tree in ("lessons", "solutions"):
         for name in lesson.files:
@@ -312,6 +325,7 @@ def import_problems(lesson: Lesson, root: Path) -> list[str]:
             module = _parse(path, where, found)
             if module is None:
                 continue
+            forbidden = ("labkit",) if defines_tests(module) else FORBIDDEN_IMPORTS
             for node in ast.walk(module):
                 if isinstance(node, ast.Import):
                     modules = [alias.name for alias in node.names]
@@ -320,7 +334,7 @@ def import_problems(lesson: Lesson, root: Path) -> list[str]:
                 else:
                     continue
                 for imported in modules:
-                    if imported.split(".")[0] in FORBIDDEN_IMPORTS:
+                    if imported.split(".")[0] in forbidden:
                         found.append(
                             f"{where}, line {node.lineno}, imports {imported}: lesson and solution files must run "
                             f"without the harness (a student runs them with plain celery and python); remove the import"

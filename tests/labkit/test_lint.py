@@ -216,6 +216,22 @@ def test_the_valid_course_has_no_problems(course):
     assert lint.problems(course) == []
 
 
+def test_a_provided_module_and_a_test_file_exercise_are_allowed(course):
+    """A testing lesson hands out a complete module (same in both trees, no TODO) and has the
+    student write a test file, which imports pytest; neither is a problem. labkit stays forbidden."""
+    edit("course.toml", 'files = ["x1.py"]', 'files = ["x1.py", "given1.py", "x1_tests.py"]')(course)
+    for tree in ("lessons", "solutions"):
+        write(f"{tree}/01_x/given1.py", "def total(items):\n    return sum(items)\n")(course)
+    write("lessons/01_x/x1_tests.py", "import pytest\n\n\ndef test_total():\n    # TODO 1: check it.\n    raise NotImplementedError(\"TODO 1\")\n")(course)
+    write("solutions/01_x/x1_tests.py", "import pytest\n\n\ndef test_total():\n    assert True\n")(course)
+    assert lint.problems(course) == []
+    write("solutions/01_x/x1_tests.py", "import labkit\n\n\ndef test_total():\n    assert True\n")(course)
+    assert lint.problems(course) == [
+        "solutions/01_x/x1_tests.py, line 1, imports labkit: lesson and solution files must run without the harness "
+        "(a student runs them with plain celery and python); remove the import"
+    ]
+
+
 def test_the_real_course_has_no_problems():
     """The same as test_course.py's, kept here so this file alone proves `make check` passes."""
     assert lint.problems(ROOT) == []
