@@ -100,11 +100,11 @@ def test_add_later_result_arrives_after_the_countdown(exercise, thread_worker):
     require_task(lesson, "add", todo=2)
     thread_worker(lesson.app)
     started = time.monotonic()
-    result = call("add_later(20, 22, 0.3)", lesson.add_later, 20, 22, 0.3)
-    value = result_of(result, "add_later(20, 22, 0.3)")
+    result = call("add_later(20, 22, 0.2)", lesson.add_later, 20, 22, 0.2)
+    value = result_of(result, "add_later(20, 22, 0.2)")
     waited = time.monotonic() - started
-    assert value == 42, f"add_later(20, 22, 0.3) gave {value!r}, expected 42."
-    assert waited >= 0.25, f"add_later(20, 22, 0.3) gave its result after {waited:.2f} s, expected to wait about 0.3 s."
+    assert value == 42, f"add_later(20, 22, 0.2) gave {value!r}, expected 42."
+    assert waited >= 0.15, f"add_later(20, 22, 0.2) gave its result after {waited:.2f} s, expected to wait about 0.2 s."
 
 
 @pytest.mark.task(5)
