@@ -110,7 +110,14 @@ def _run(command: list[str], root: Path, log: Path, timeout: float) -> str:
         try:
             returncode = subprocess.run(command, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
-            return f"the grading run was stopped after {timeout:.0f} s"
+            return run_problem(0, True, log, timeout)
+    return run_problem(returncode, False, log, timeout)
+
+
+def run_problem(returncode: int, timed_out: bool, log: Path, timeout: float) -> str:
+    """What went wrong with a grading run, in one sentence ('' when it ended normally)."""
+    if timed_out:
+        return f"the grading run was stopped after {timeout:.0f} s"
     if returncode in (0, 1):  # all passed / some checks failed
         return ""
     with log.open("rb") as out:

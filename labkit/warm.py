@@ -332,7 +332,7 @@ class WarmSession:
 
     def run(self, command: list[str], root: Path, log: Path, timeout: float) -> str:
         """``labkit.grade._run``, in the warm grader when it can."""
-        from labkit.grade import _run
+        from labkit.grade import _run, run_problem
 
         if self.grader is not None and command[1:3] == ["-m", "pytest"]:
             env = {**os.environ, "PYTHONPATH": str(LABKIT_HOME)}  # as _run gives the pytest subprocess
@@ -343,7 +343,7 @@ class WarmSession:
                 self.grader.stop()
                 self.grader = None
             else:
-                return problem(returncode, timed_out, log, timeout)
+                return run_problem(returncode, timed_out, log, timeout)
         return _run(command, root, log, timeout)
 
     def close(self) -> None:
@@ -357,15 +357,3 @@ class WarmSession:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-
-def problem(returncode: int, timed_out: bool, log: Path, timeout: float) -> str:
-    """What went wrong with a grading run, worded as ``labkit.grade._run`` words it ('' when nothing)."""
-    if timed_out:
-        return f"the grading run was stopped after {timeout:.0f} s"
-    if returncode in (0, 1):  # all passed / some checks failed
-        return ""
-    with log.open("rb") as out:
-        out.seek(max(0, log.stat().st_size - 2000))
-        tail = out.read().decode("utf-8", "replace").strip().splitlines()[-3:]
-    return f"the grading run ended early (exit {returncode}): " + " ".join(tail)
